@@ -1,0 +1,55 @@
+"""The contract between the runner and quality evaluators.
+
+The runner calls three hooks on every configured evaluator, in order:
+
+1. ``on_start``  -- before the first ``step()``: the data is still dense.
+2. ``on_masked`` -- after the last ``step()``, before ``squash_mask()``: the originals and
+   the masks are both available (``sparsifier.get_data(name)``, ``sparsifier.get_mask(name)``).
+3. ``on_end``    -- after ``squash_mask()``: the user's own tensors/modules hold sparse values.
+
+Each hook returns flat metrics (``{"fidelity/rel_error": 0.12}``); the runner logs them to
+the job's MLflow run. Keys start with the evaluator's ``name`` so a sweep report can find them.
+Files an evaluator writes under ``ctx.artifacts_dir`` are logged as run artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsify_exp.sparsifier import BaseDataSparsifier
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator may look at."""
+
+    named_data: Mapping[str, torch.Tensor | nn.Module]
+    """The user's objects exactly as added to the sparsifier (tensors, parameters, embeddings)."""
+    sparsifier: BaseDataSparsifier
+    model: nn.Module | None = None
+    """The module the data came from, when the data source built or loaded one."""
+    artifacts_dir: Path = field(default_factory=lambda: Path("."))
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Base class: override any of the hooks; each returns metrics to log."""
+
+    name: str = "evaluator"
+
+    def on_start(self, ctx: EvalContext) -> Metrics:
+        return {}
+
+    def on_masked(self, ctx: EvalContext) -> Metrics:
+        return {}
+
+    def on_end(self, ctx: EvalContext) -> Metrics:
+        return {}

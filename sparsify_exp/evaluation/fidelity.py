@@ -1,0 +1,86 @@
+"""``fidelity``: how much of each tensor the mask kept, with no task needed.
+
+For data ``W`` and mask ``M`` (1 keeps an entry):
+
+* ``rel_error``   = ‖W − W⊙M‖ / ‖W‖  (Frobenius; 0 for a mask that keeps everything)
+* ``energy_kept`` = ‖W⊙M‖² / ‖W‖²    (= 1 − rel_error², since the two parts are disjoint)
+
+Both are logged overall (every name pooled, so large tensors weigh by their size) and per
+name, up to ``max_names`` names (the rest only go to the ``fidelity.csv`` artifact, which
+always lists every name). Computed in ``on_masked``, where the original data and the masks
+both exist, in float64, in row chunks so a large table needs little extra memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import torch
+
+from sparsify_exp.evaluation._util import metric_key
+from sparsify_exp.evaluation.base import EvalContext, Evaluator, Metrics
+
+_CHUNK_ENTRIES = 1 << 22  # ~4M entries a chunk: bounded temporaries for any table size
+
+
+def energies(data: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """``(total, kept)``: the sums of squares of all entries and of the kept entries."""
+    if data.shape != mask.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != data shape {tuple(data.shape)}")
+    flat = data.detach().reshape(-1)
+    keep = mask.detach().reshape(-1)
+    total = kept = 0.0
+    for start in range(0, flat.numel(), _CHUNK_ENTRIES):
+        chunk = flat[start : start + _CHUNK_ENTRIES].to(torch.float64)
+        sq = chunk * chunk
+        total += float(sq.sum())
+        kept += float(sq[keep[start : start + _CHUNK_ENTRIES].bool()].sum())
+    return total, kept
+
+
+def _ratios(total: float, kept: float) -> tuple[float, float]:
+    if total == 0.0:  # all-zero data: nothing can be lost
+        return 0.0, 1.0
+    kept_frac = min(max(kept / total, 0.0), 1.0)
+    return math.sqrt(1.0 - kept_frac), kept_frac
+
+
+class FidelityEvaluator(Evaluator):
+    """Relative reconstruction error and L2 energy kept, overall and per name."""
+
+    name = "fidelity"
+
+    def __init__(self, max_names: int = 50, write_table: bool = True) -> None:
+        if max_names < 0:
+            raise ValueError(f"max_names={max_names}: must be >= 0")
+        self.max_names = max_names
+        self.write_table = write_table
+
+    def on_masked(self, ctx: EvalContext) -> Metrics:
+        sp = ctx.sparsifier
+        rows = []
+        grand_total = grand_kept = 0.0
+        for name in sp.data_groups:
+            total, kept = energies(sp.get_data(name, return_original=True), sp.get_mask(name))
+            grand_total += total
+            grand_kept += kept
+            rel, frac = _ratios(total, kept)
+            rows.append((name, rel, frac))
+        rel, frac = _ratios(grand_total, grand_kept)
+        metrics: Metrics = {
+            f"{self.name}/rel_error": rel,
+            f"{self.name}/energy_kept": frac,
+        }
+        if rows:
+            metrics[f"{self.name}/rel_error_max"] = max(r[1] for r in rows)
+        for name, r, f in rows[: self.max_names]:
+            metrics[metric_key(self.name, "rel_error", name)] = r
+            metrics[metric_key(self.name, "energy_kept", name)] = f
+        if self.write_table and rows:
+            ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
+            with open(ctx.artifacts_dir / f"{self.name}.csv", "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["name", "rel_error", "energy_kept"])
+                writer.writerows(rows)
+        return metrics

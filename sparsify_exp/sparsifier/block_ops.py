@@ -1,0 +1,214 @@
+"""Block-wise kernels for norm-based masks, written to touch the data once, in chunks.
+
+Data is viewed as 2-D ``(H, W)`` and tiled by ``(bh, bw)`` blocks anchored at index 0; the
+last block row/column may be partial. Every function works on ``ceil(H/bh) x ceil(W/bw)``
+block grids and allocates at most one chunk of the data at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+# elements of the data processed per chunk: bounds temporaries to a few MB
+CHUNK_ELEMENTS = 1 << 22
+
+
+def as_2d(data: torch.Tensor) -> torch.Tensor:
+    """The 2-D view the block grid is laid on, as torch's reference does it.
+
+    Size-1 dimensions are dropped; 1-D data becomes one row; data of more than two
+    dimensions (e.g. convolution weights) is flattened to ``(shape[0], -1)``.
+    """
+    squeezed = data.squeeze()
+    if squeezed.dim() == 0:
+        return squeezed.reshape(1, 1)
+    if squeezed.dim() == 1:
+        return squeezed.reshape(1, -1)
+    if squeezed.dim() == 2:
+        return squeezed
+    return squeezed.reshape(squeezed.shape[0], -1)
+
+
+def grid_shape(height: int, width: int, block: tuple[int, int]) -> tuple[int, int]:
+    return math.ceil(height / block[0]), math.ceil(width / block[1])
+
+
+def _row_chunks(height: int, width: int, block_h: int) -> Iterator[tuple[int, int]]:
+    """Ranges of block rows ``[start, stop)`` whose data fits in one chunk."""
+    block_rows = math.ceil(height / block_h)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, width * block_h))
+    for start in range(0, block_rows, per_chunk):
+        yield start, min(start + per_chunk, block_rows)
+
+
+def _magnitude(chunk: torch.Tensor, norm: str) -> torch.Tensor:
+    work_dtype = torch.float64 if chunk.dtype == torch.float64 else torch.float32
+    chunk = chunk.to(work_dtype) if chunk.dtype != work_dtype else chunk
+    return chunk.abs() if norm == "L1" else chunk.square()
+
+
+def _sum_blocks(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Sums ``values`` (h, W) over ``block`` tiles; h is at most one block row high each."""
+    block_h, block_w = block
+    height, width = values.shape
+    rows = math.ceil(height / block_h)
+    if height % block_h:
+        # only the last block row can be short: sum it separately
+        full = (height // block_h) * block_h
+        head = _sum_blocks(values[:full], block) if full else values.new_zeros(0, 0)
+        tail = values[full:].sum(0, keepdim=True)
+        tail = _sum_blocks(tail, (1, block_w))
+        return torch.cat([head, tail]) if full else tail
+    if block_h > 1:
+        values = values.view(rows, block_h, width).sum(1)
+    full_w = (width // block_w) * block_w
+    cols = math.ceil(width / block_w)
+    out = values.new_empty(rows, cols)
+    if full_w:
+        main = values[:, :full_w].reshape(rows, full_w // block_w, block_w)
+        torch.sum(main, dim=2, out=out[:, : full_w // block_w])
+    if full_w < width:
+        out[:, -1] = values[:, full_w:].sum(1)
+    return out
+
+
+def block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> torch.Tensor:
+    """Mean of ``|x|`` (L1) or ``x**2`` (L2) over each block, partial blocks averaged over
+    their valid entries (``avg_pool2d(ceil_mode=True)`` in the reference).
+
+    Full blocks are returned as sums (same order as means, one pass less); partial blocks
+    are scaled to the same scale, so only the ordering of the result is meaningful.
+    """
+    height, width = data2d.shape
+    block_h, block_w = block
+    rows, cols = grid_shape(height, width, block)
+    work_dtype = torch.float64 if data2d.dtype == torch.float64 else torch.float32
+    scores = torch.empty(rows, cols, dtype=work_dtype, device=data2d.device)
+    for start, stop in _row_chunks(height, width, block_h):
+        chunk = data2d[start * block_h : min(stop * block_h, height)]
+        scores[start:stop] = _sum_blocks(_magnitude(chunk, norm), block)
+    # scale partial blocks to the full-block scale: sum * (values per block / valid count);
+    # the corner gets both factors, which multiply to exactly its own ratio
+    per_block = block_h * block_w
+    if width % block_w:
+        scores[:, -1] *= per_block / (block_h * (width % block_w))
+    if height % block_h:
+        scores[-1, :] *= per_block / ((height % block_h) * block_w)
+    return scores
+
+
+def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A ``bool`` tensor marking exactly the ``k`` smallest scores; ties broken by index.
+
+    Runs in O(n) with small temporaries: a strided sample brackets the k-th value, one pass
+    counts what lies below the bracket and the few candidates inside it are selected exactly.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = _kth_smallest(flat, k)
+    chosen = flat < threshold
+    missing = k - int(chosen.sum())
+    if missing > 0:
+        _take_first_ties(flat, chosen, threshold, missing)
+    return chosen.view(scores.shape)
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    n = flat.numel()
+    if n <= (1 << 16):
+        return torch.kthvalue(flat, k).values
+    sample_size = 1 << 14
+    stride = n // sample_size
+    sample = torch.sort(flat[::stride]).values
+    m = sample.numel()
+    pos = k / n * m
+    spread = 4.0 * math.sqrt(m) + 2
+    lo_index, hi_index = math.floor(pos - spread), math.ceil(pos + spread)
+    lo = sample[lo_index] if lo_index >= 0 else None
+    hi = sample[hi_index] if hi_index < m else None
+    below = int((flat < lo).sum()) if lo is not None else 0
+    if below < k:
+        inside = flat if lo is None else flat[flat >= lo]
+        if hi is not None:
+            inside = inside[inside <= hi]
+        if below + inside.numel() >= k:
+            return torch.kthvalue(inside, k - below).values
+    # the sample misled us (adversarial layout): exact answer, more memory
+    return torch.kthvalue(flat, k).values
+
+
+def _take_first_ties(
+    flat: torch.Tensor, chosen: torch.Tensor, threshold: torch.Tensor, missing: int
+) -> None:
+    step = CHUNK_ELEMENTS
+    for start in range(0, flat.numel(), step):
+        ties = (flat[start : start + step] == threshold).nonzero().squeeze(1)
+        take = ties[:missing]
+        chosen[start + take] = True
+        missing -= take.numel()
+        if missing <= 0:
+            return
+
+
+def write_block_mask(mask2d: torch.Tensor, keep: torch.Tensor, block: tuple[int, int]) -> None:
+    """Sets every entry of ``mask2d`` (H, W) to its block's value in ``keep`` (rows, cols)."""
+    height, width = mask2d.shape
+    block_h, block_w = block
+    full_h = (height // block_h) * block_h
+    full_w = (width // block_w) * block_w
+    rows_f, cols_f = full_h // block_h, full_w // block_w
+    if full_h and full_w:
+        mask2d[:full_h, :full_w].view(rows_f, block_h, cols_f, block_w).copy_(
+            keep[:rows_f, None, :cols_f, None].expand(rows_f, block_h, cols_f, block_w)
+        )
+    if full_w < width and full_h:
+        mask2d[:full_h, full_w:].view(rows_f, block_h, width - full_w).copy_(
+            keep[:rows_f, None, cols_f:].expand(rows_f, block_h, width - full_w)
+        )
+    if full_h < height:
+        tail = mask2d[full_h:]
+        if full_w:
+            tail[:, :full_w].view(height - full_h, cols_f, block_w).copy_(
+                keep[rows_f, None, :cols_f, None].expand(height - full_h, cols_f, block_w)
+            )
+        if full_w < width:
+            tail[:, full_w:].copy_(keep[rows_f, cols_f])
+
+
+def write_in_block_mask(
+    mask2d: torch.Tensor,
+    data2d: torch.Tensor,
+    removed: torch.Tensor,
+    block: tuple[int, int],
+    zeros_per_block: int,
+    norm: str,
+) -> None:
+    """In every block marked ``removed``, zeroes its ``zeros_per_block`` smallest entries
+    (by ``norm``) and keeps the rest; blocks not removed are kept whole."""
+    height, width = data2d.shape
+    block_h, block_w = block
+    cols = math.ceil(width / block_w)
+    padded_w = cols * block_w
+    for start, stop in _row_chunks(height, width, block_h):
+        r0, r1 = start * block_h, min(stop * block_h, height)
+        values = _magnitude(data2d[r0:r1], norm)
+        rows = stop - start
+        padded = values.new_full((rows * block_h, padded_w), float("nan"))
+        padded[: r1 - r0, :width] = values
+        tiles = padded.view(rows, block_h, cols, block_w).permute(0, 2, 1, 3)
+        tiles = tiles.reshape(rows, cols, block_h * block_w)
+        # NaN padding ranks last, so partial blocks drop their real entries first (as torch)
+        order = torch.topk(tiles, zeros_per_block, dim=2, largest=False).indices
+        tile_keep = torch.ones(tiles.shape, dtype=torch.bool, device=data2d.device)
+        tile_keep.scatter_(2, order, False)
+        tile_keep |= ~removed[start:stop, :, None]
+        chunk_mask = tile_keep.view(rows, cols, block_h, block_w).permute(0, 2, 1, 3)
+        chunk_mask = chunk_mask.reshape(rows * block_h, padded_w)
+        mask2d[r0:r1].copy_(chunk_mask[: r1 - r0, :width])
