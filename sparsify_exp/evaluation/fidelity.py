@@ -2,8 +2,8 @@
 
 For data ``W`` and mask ``M`` (1 keeps an entry):
 
-* ``rel_error``   = ‖W − W⊙M‖ / ‖W‖  (Frobenius; 0 for a mask that keeps everything)
-* ``energy_kept`` = ‖W⊙M‖² / ‖W‖²    (= 1 − rel_error², since the two parts are disjoint)
+* ``rel_error``   = ‖W - W⊙M‖ / ‖W‖  (Frobenius; 0 for a mask that keeps everything)
+* ``energy_kept`` = ‖W⊙M‖² / ‖W‖²    (= 1 - rel_error², since the two parts are disjoint)
 
 Both are logged overall (every name pooled, so large tensors weigh by their size) and per
 name, up to ``max_names`` names (the rest only go to the ``fidelity.csv`` artifact, which

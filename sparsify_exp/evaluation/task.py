@@ -4,7 +4,7 @@ A callable, given by its dotted path (``fn: mypkg.evals.accuracy``) or built by 
 (``fn: {_target_: mypkg.evals.Scorer, _partial_: true}``), receives the model (when the data
 source built one) or the mapping ``name -> data`` and returns a dict of numbers. It runs on
 the dense data (``on_start``) and on the squashed data (``on_end``); each metric ``m`` is
-logged as ``task/m/dense``, ``task/m/sparse`` and ``task/m/delta`` (sparse − dense).
+logged as ``task/m/dense``, ``task/m/sparse`` and ``task/m/delta`` (sparse - dense).
 """
 
 from __future__ import annotations

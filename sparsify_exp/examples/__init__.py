@@ -1,0 +1,1 @@
+"""Worked examples that need no download (scikit-learn's bundled datasets)."""

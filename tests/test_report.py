@@ -1,0 +1,239 @@
+"""The sweep report, from runs written to a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import mlflow
+import pytest
+
+from sparsify_exp import report as rep
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BLOCKS = ["[1,4]", "[4,4]"]
+LEVELS = [0.2, 0.5, 0.8]
+
+
+def _child_metrics(block: str, level: float) -> dict[str, float]:
+    """Deterministic, distinct metrics for each job (a bigger block loses more)."""
+    penalty = 1.0 if block == "[1,4]" else 1.5
+    sparsity = level * (0.98 if block == "[1,4]" else 0.96)
+    metrics = {
+        "sparsity/overall": sparsity,
+        "size/dense_bytes": 4_000_000.0,
+        "size/compressed_bytes": 4_000_000.0 * (1.02 - sparsity) + 1234,
+        "fidelity/rel_error": min(1.0, 0.4 * level * penalty),
+        "fidelity/energy_kept": 1 - min(1.0, 0.4 * level * penalty) ** 2,
+        "fidelity/rel_error/emb": 0.123,  # per-name: not a report column
+        "embedding_bag/cosine_mean": 1 - 0.3 * level * penalty,
+        "embedding_bag/cosine_p05": 1 - 0.5 * level * penalty,
+        "embedding_bag/cosine_mean/emb": 0.5,
+        "embedding_bag/forward_time_ratio": 1.0 + 0.01 * level,
+        "other/unrelated": 3.0,
+    }
+    return metrics
+
+
+def make_sweep(tracking_uri: str, failed: bool = False) -> tuple[mlflow.MlflowClient, str, dict]:
+    """A parent run and 2 x 3 child runs, laid out the way the runner writes them."""
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp_id = client.create_experiment("sweep")
+    parent = client.create_run(exp_id, run_name="sweep-parent", tags={"sparsify.sweep": "true"})
+    expected = {}
+    for i, (block, level) in enumerate((b, lv) for b in BLOCKS for lv in LEVELS):
+        overrides = [
+            "data=embeddings",
+            f"sparsifier.sparse_block_shape={block}",
+            f"sparsifier.sparsity_level={level}",
+        ]
+        run = client.create_run(
+            exp_id,
+            run_name=f"job-{i}",
+            tags={
+                "mlflow.parentRunId": parent.info.run_id,
+                "sparsify.overrides": " ".join(overrides),
+                "sparsify.evaluators": "fidelity,embedding_bag",
+            },
+        )
+        metrics = _child_metrics(block, level)
+        for step in range(3):  # per-step sparsity: the report takes the last
+            client.log_metric(
+                run.info.run_id,
+                "sparsity/overall",
+                metrics["sparsity/overall"] * step / 2,
+                step=step,
+            )
+        for key, value in metrics.items():
+            if key != "sparsity/overall":
+                client.log_metric(run.info.run_id, key, value)
+        status = "FINISHED"
+        if failed and i == len(BLOCKS) * len(LEVELS) - 1:
+            status = "FAILED"
+            client.set_tag(run.info.run_id, "sparsify.error", "ValueError: boom")
+        client.set_terminated(run.info.run_id, status)
+        expected[run.info.run_id] = (block, level, metrics, status)
+    return client, parent.info.run_id, expected
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return make_sweep(f"sqlite:///{tmp_path}/mlflow.db", failed=True)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    assert img.std() > 0.01  # not a blank canvas
+
+
+def test_parse_overrides_forms():
+    want = {"sparsifier.sparse_block_shape": "[1,4]", "sparsifier.sparsity_level": "0.5"}
+    assert (
+        rep.parse_overrides("sparsifier.sparse_block_shape=[1,4] sparsifier.sparsity_level=0.5")
+        == want
+    )
+    assert (
+        rep.parse_overrides(
+            '["sparsifier.sparse_block_shape=[1,4]", "sparsifier.sparsity_level=0.5"]'
+        )
+        == want
+    )
+    assert (
+        rep.parse_overrides("sparsifier.sparse_block_shape=[1,4],sparsifier.sparsity_level=0.5")
+        == want
+    )
+    assert rep.parse_overrides("+x=1 ~y=2") == {"x": "1", "y": "2"}
+    assert rep.parse_overrides("") == {}
+
+
+def test_quality_keys_skip_per_name_breakdowns():
+    keys = ["fidelity/rel_error", "fidelity/rel_error/a.b", "task/accuracy/dense", "size/x"]
+    assert rep.quality_keys_of(keys, ["fidelity", "task"]) == [
+        "fidelity/rel_error",
+        "task/accuracy/dense",
+    ]
+
+
+def test_report_rows_match_child_runs(sweep, tmp_path):
+    client, parent_id, expected = sweep
+    out = tmp_path / "out"
+    report = rep.write_sweep_report(client, parent_id, out)
+    rows = _read_csv(out / "sweep_report.csv")
+    assert len(rows) == len(expected) == 6
+    assert report.varied_keys == ["sparsifier.sparse_block_shape", "sparsifier.sparsity_level"]
+    assert report.series_keys == ["sparsifier.sparse_block_shape"]
+    assert report.common_overrides == {"data": "embeddings"}
+    assert "other/unrelated" not in rows[0] and "fidelity/rel_error/emb" not in rows[0]
+    for row in rows:
+        block, level, metrics, status = expected[row["run_id"]]
+        assert row["status"] == status
+        assert row["sparsifier.sparse_block_shape"] == block
+        assert float(row["sparsifier.sparsity_level"]) == level
+        for key in (
+            "sparsity/overall",
+            "fidelity/rel_error",
+            "fidelity/energy_kept",
+            "embedding_bag/cosine_mean",
+            "embedding_bag/cosine_p05",
+            "embedding_bag/forward_time_ratio",
+            "size/dense_bytes",
+            "size/compressed_bytes",
+        ):
+            assert math.isclose(float(row[key]), metrics[key], rel_tol=1e-9), key
+        assert math.isclose(
+            float(row["size/compression"]),
+            metrics["size/dense_bytes"] / metrics["size/compressed_bytes"],
+        )
+        assert (row["error"] == "ValueError: boom") == (status == "FAILED")
+    # rows come out grouped by block shape, then by level
+    assert [
+        (r["sparsifier.sparse_block_shape"], float(r["sparsifier.sparsity_level"])) for r in rows
+    ] == [(b, lv) for b in BLOCKS for lv in LEVELS]
+
+    md = (out / "sweep_report.md").read_text()
+    assert md.count("\n| job-") == 6 and "| FAILED |" in md and "data=embeddings" in md
+    for name in ("quality_vs_sparsity.png", "size_vs_sparsity.png"):
+        _assert_png(out / name)
+
+    logged = {f.path for f in client.list_artifacts(parent_id, "report")}
+    assert logged == {
+        "report/sweep_report.csv",
+        "report/sweep_report.md",
+        "report/quality_vs_sparsity.png",
+        "report/size_vs_sparsity.png",
+    }
+    # what was logged is what was written
+    local = client.download_artifacts(parent_id, "report/sweep_report.csv", str(tmp_path / "dl"))
+    assert Path(local).read_text() == (out / "sweep_report.csv").read_text()
+
+
+def test_report_of_sweep_without_varied_options(tmp_path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.create_experiment("one")
+    parent = client.create_run(exp_id, tags={"sparsify.sweep": "true"})
+    run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id})
+    client.log_metric(run.info.run_id, "sparsity/overall", 0.5)
+    client.log_metric(run.info.run_id, "task/accuracy/sparse", 0.7)
+    client.set_terminated(run.info.run_id)
+    report = rep.build_sweep_report(client, parent.info.run_id, tmp_path / "r")
+    assert [r.quality for r in report.rows] == [{"task/accuracy/sparse": 0.7}]
+    assert (tmp_path / "r" / "quality_vs_sparsity.png").is_file()
+    assert not (tmp_path / "r" / "size_vs_sparsity.png").exists()  # no sizes logged
+
+
+def test_cli_rebuilds_report_from_store(sweep, tmp_path):
+    client, parent_id, expected = sweep
+    uri = client.tracking_uri
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsify_exp.report",
+            "--experiment",
+            "sweep",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert parent_id in proc.stdout
+    assert {r["run_id"] for r in _read_csv(out / "sweep_report.csv")} == set(expected)
+    assert len(client.list_artifacts(parent_id, "report")) == 4
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsify_exp.report",
+            "--experiment",
+            "nope",
+            "--tracking-uri",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "no experiment named 'nope'" in bad.stderr
