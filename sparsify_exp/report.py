@@ -15,8 +15,7 @@ The same report can be rebuilt from the store later, e.g. for a sweep that ran o
     python -m sparsify_exp.report --experiment NAME [--parent RUN_ID] [--tracking-uri URI]
 
 Which metrics are "quality": every metric whose first segment names an evaluator of the run
-(tag ``sparsify.evaluators``; ``fidelity``, ``embedding_bag``, ``task`` when the tag is
-missing), except per-name breakdowns -- a key that extends another logged key
+(tag ``sparsify.evaluators``) or a shipped one (``fidelity``, ``embedding_bag``, ``task``), except per-name breakdowns -- a key that extends another logged key
 (``fidelity/rel_error/emb`` extends ``fidelity/rel_error``).
 """
 
@@ -47,7 +46,7 @@ SWEEP_TAG = "sparsify.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 # where a run's command-line overrides may be found, most specific first
 OVERRIDE_TAGS = ("sparsify.overrides", "hydra.overrides", "overrides")
-ERROR_TAGS = ("sparsify.error", "sparsify.failure", "error", "mlflow.note.content")
+ERROR_TAGS = ("sparsify.failure", "sparsify.error", "mlflow.note.content")
 DEFAULT_EVALUATORS = ("fidelity", "embedding_bag", "task")
 # varied keys that set the level: they become the x axis (sparsity reached), not a line
 LEVEL_KEY_PATTERN = re.compile(r"(^|\.)(sparsity_level|level|target_sparsity)$")
@@ -144,10 +143,10 @@ def _run_overrides(run: Run) -> dict[str, str]:
 
 
 def _evaluator_names(run: Run) -> tuple[str, ...]:
-    tag = run.data.tags.get(EVALUATORS_TAG)
-    if tag is None:
-        return DEFAULT_EVALUATORS
-    return tuple(n.strip() for n in tag.split(",") if n.strip())
+    """The run's evaluators (its tag), then the shipped ones (a tag may name config options)."""
+    tag = run.data.tags.get(EVALUATORS_TAG, "")
+    names = [n.strip() for n in tag.split(",") if n.strip()]
+    return tuple(dict.fromkeys([*names, *DEFAULT_EVALUATORS]))
 
 
 def quality_keys_of(metric_keys: Iterable[str], evaluators: Sequence[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +84,23 @@ def make_sweep(tracking_uri: str, failed: bool = False) -> tuple[mlflow.MlflowCl
     return client, parent.info.run_id, expected
 
 
+@pytest.fixture(scope="module")
+def _template_store(tmp_path_factory) -> Path:
+    """One migrated sqlite store per module: a fresh one costs ~2 s of schema migrations."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def sweep(tmp_path):
-    return make_sweep(f"sqlite:///{tmp_path}/mlflow.db", failed=True)
+def store(tmp_path, _template_store) -> str:
+    shutil.copy(_template_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.fixture
+def sweep(store):
+    return make_sweep(store, failed=True)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -181,8 +196,8 @@ def test_report_rows_match_child_runs(sweep, tmp_path):
     assert Path(local).read_text() == (out / "sweep_report.csv").read_text()
 
 
-def test_report_of_sweep_without_varied_options(tmp_path):
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+def test_report_of_sweep_without_varied_options(store, tmp_path):
+    client = mlflow.MlflowClient(tracking_uri=store)
     exp_id = client.create_experiment("one")
     parent = client.create_run(exp_id, tags={"sparsify.sweep": "true"})
     run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id})
@@ -195,7 +210,7 @@ def test_report_of_sweep_without_varied_options(tmp_path):
     assert not (tmp_path / "r" / "size_vs_sparsity.png").exists()  # no sizes logged
 
 
-def test_cli_rebuilds_report_from_store(sweep, tmp_path):
+def test_cli_rebuilds_report_from_store(sweep, tmp_path, capsys):
     client, parent_id, expected = sweep
     uri = client.tracking_uri
     out = tmp_path / "cli"
@@ -221,19 +236,9 @@ def test_cli_rebuilds_report_from_store(sweep, tmp_path):
     assert {r["run_id"] for r in _read_csv(out / "sweep_report.csv")} == set(expected)
     assert len(client.list_artifacts(parent_id, "report")) == 4
 
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparsify_exp.report",
-            "--experiment",
-            "nope",
-            "--tracking-uri",
-            uri,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "no experiment named 'nope'" in bad.stderr
+    # the error paths, in-process
+    assert rep.main(["--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no experiment named 'nope'" in capsys.readouterr().err
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("empty")
+    assert rep.main(["--experiment", "empty", "--tracking-uri", uri]) == 2
+    assert "no sweep parent run" in capsys.readouterr().err
