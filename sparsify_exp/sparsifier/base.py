@@ -66,7 +66,9 @@ class _MaskParametrization(nn.Module):
                 f"mask shape {tuple(self.mask.shape)} no longer matches data shape "
                 f"{tuple(x.shape)}; a mask must keep its data's shape"
             )
-        return x * self.mask
+        mask = self.mask
+        # `where` allocates only the result; `x * mask` would first cast the mask to x's dtype
+        return torch.where(mask, x, 0) if mask.dtype == torch.bool else x * mask
 
 
 def _extract_weight(data: Any) -> torch.Tensor:
@@ -135,7 +137,7 @@ class BaseDataSparsifier(abc.ABC):
         Re-adding a name warns, keeps the old config updated with ``config`` and, with
         ``reuse_mask=True``, keeps the old mask (the new data must have the same shape).
         A ``mask`` key in ``config`` gives the initial mask (any dtype; nonzero = kept).
-        Returns the masked view of the data.
+        Returns the registered tensor: the user's own (for an embedding, its ``weight``).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string; got {name!r}")
@@ -174,7 +176,7 @@ class BaseDataSparsifier(abc.ABC):
         self._keys[name] = key
         self.state[name]["mask"] = mask
         self.data_groups[name] = local_args
-        return getattr(self._container, key)
+        return weight
 
     def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
         """The data itself (``return_original=True``) or its masked view (``False``)."""
@@ -337,21 +339,30 @@ class BaseDataSparsifier(abc.ABC):
         """An attribute name for ``name`` in the container: the name itself when it can be."""
         if name in self._keys:
             return self._keys[name]
-        taken = set(self._keys.values())
         if (
             name.isidentifier()
             and not keyword.iskeyword(name)
             and not name.startswith("_")
-            and not hasattr(self._container, name)
-            and name not in taken
+            and not self._attribute_taken(name)
         ):
             return name
         base = "_data_" + re.sub(r"\W", "_", name)
         key, suffix = base, 0
-        while key in taken or hasattr(self._container, key):
+        while self._attribute_taken(key):
             suffix += 1
             key = f"{base}_{suffix}"
         return key
+
+    def _attribute_taken(self, key: str) -> bool:
+        # never hasattr(container, key): on a parametrized key it would compute the masked data
+        container = self._container
+        return (
+            hasattr(type(container), key)
+            or key in container.__dict__
+            or key in container._buffers
+            or key in container._parameters
+            or key in container._modules
+        )
 
     def _as_mask(self, name: str, mask: Any, weight: torch.Tensor) -> torch.Tensor:
         mask = torch.as_tensor(mask, device=weight.device)

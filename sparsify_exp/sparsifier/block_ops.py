@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 # elements of the data processed per chunk: bounds temporaries to a few MB
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def as_2d(data: torch.Tensor) -> torch.Tensor:
@@ -69,10 +69,23 @@ def _sum_blocks(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     out = values.new_empty(rows, cols)
     if full_w:
         main = values[:, :full_w].reshape(rows, full_w // block_w, block_w)
-        torch.sum(main, dim=2, out=out[:, : full_w // block_w])
+        _sum_last_dim(main, out[:, : full_w // block_w])
     if full_w < width:
         out[:, -1] = values[:, full_w:].sum(1)
     return out
+
+
+def _sum_last_dim(values: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = values.sum(-1)``; narrow blocks as strided adds, about twice as fast on CPU."""
+    width = values.shape[-1]
+    if width == 1:
+        out.copy_(values[..., 0])
+    elif width <= 8:
+        torch.add(values[..., 0], values[..., 1], out=out)
+        for i in range(2, width):
+            out += values[..., i]
+    else:
+        torch.sum(values, dim=-1, out=out)
 
 
 def block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> torch.Tensor:
@@ -114,7 +127,7 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = _kth_smallest(flat, k)
     chosen = flat < threshold
-    missing = k - int(chosen.sum())
+    missing = k - int(torch.count_nonzero(chosen))
     if missing > 0:
         _take_first_ties(flat, chosen, threshold, missing)
     return chosen.view(scores.shape)
@@ -125,23 +138,45 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     if n <= (1 << 16):
         return torch.kthvalue(flat, k).values
     sample_size = 1 << 14
-    stride = n // sample_size
-    sample = torch.sort(flat[::stride]).values
+    sample = torch.sort(flat[:: n // sample_size]).values
     m = sample.numel()
     pos = k / n * m
     spread = 4.0 * math.sqrt(m) + 2
     lo_index, hi_index = math.floor(pos - spread), math.ceil(pos + spread)
     lo = sample[lo_index] if lo_index >= 0 else None
     hi = sample[hi_index] if hi_index < m else None
-    below = int((flat < lo).sum()) if lo is not None else 0
+    below = 0 if lo is None else _count(flat, lambda chunk: chunk < lo)
     if below < k:
-        inside = flat if lo is None else flat[flat >= lo]
-        if hi is not None:
-            inside = inside[inside <= hi]
+        inside = _select(flat, lambda chunk: _between(chunk, lo, hi))
         if below + inside.numel() >= k:
             return torch.kthvalue(inside, k - below).values
-    # the sample misled us (adversarial layout): exact answer, more memory
+    # the sample misled us (an adversarial layout): exact, at the cost of more memory
     return torch.kthvalue(flat, k).values
+
+
+def _between(chunk: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
+    if lo is None:
+        return chunk <= hi
+    if hi is None:
+        return chunk >= lo
+    return (chunk >= lo).logical_and_(chunk <= hi)
+
+
+def _count(flat: torch.Tensor, predicate) -> int:
+    """Entries of ``flat`` where ``predicate`` holds, with chunk-sized temporaries."""
+    return sum(
+        int(torch.count_nonzero(predicate(flat[i : i + CHUNK_ELEMENTS])))
+        for i in range(0, flat.numel(), CHUNK_ELEMENTS)
+    )
+
+
+def _select(flat: torch.Tensor, predicate) -> torch.Tensor:
+    """Entries of ``flat`` where ``predicate`` holds, with chunk-sized temporaries."""
+    parts = []
+    for i in range(0, flat.numel(), CHUNK_ELEMENTS):
+        chunk = flat[i : i + CHUNK_ELEMENTS]
+        parts.append(chunk[predicate(chunk)])
+    return torch.cat(parts)
 
 
 def _take_first_ties(
