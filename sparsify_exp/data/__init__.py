@@ -1,0 +1,110 @@
+"""Data sources for the runner: each returns the named data to sparsify.
+
+A source is any callable (selected by ``_target_`` in ``conf/data/*.yaml``) that returns a
+:class:`DataBundle`. The sources shipped here:
+
+- :mod:`sparsify_exp.data.tensors`    -- random tensors of configured names and shapes;
+- :mod:`sparsify_exp.data.model`      -- the parameters of an ``nn.Module`` (default: :class:`MLP`);
+- :mod:`sparsify_exp.data.embeddings` -- ``nn.Embedding`` / ``nn.EmbeddingBag`` tables;
+- :mod:`sparsify_exp.data.file`       -- a ``.safetensors`` file or a torch state_dict.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DataBundle", "as_tensor", "select_names", "write_safetensors"]
+
+
+@dataclass
+class DataBundle:
+    """What a data source hands the runner.
+
+    ``named_data`` holds the objects given to ``sparsifier.add_data`` (tensors, parameters,
+    embedding modules) in a stable order. ``save(path_without_suffix)`` writes the (by then
+    sparsified) data in the input's format and returns the written path.
+    """
+
+    named_data: dict[str, torch.Tensor | nn.Module]
+    model: nn.Module | None = None
+    format: str = "safetensors"
+    """``safetensors`` or ``torch``: the format the sparsified data is written in."""
+    source: str | None = None
+    """Where the data came from (a file path), for the run's tags."""
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors written along with the data but not sparsified (excluded names)."""
+    payload: Any = None
+    """For torch files: the loaded object (mutated in place by ``squash_mask``) to save back."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """For safetensors files: the input's header metadata, written back unchanged."""
+
+    @property
+    def suffix(self) -> str:
+        return ".safetensors" if self.format == "safetensors" else ".pt"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor to write: the sparsified ones and the untouched extras."""
+        out = {name: as_tensor(obj) for name, obj in self.named_data.items()}
+        if self.model is not None:
+            # a model's state_dict is the natural checkpoint: buffers and excluded params too
+            out = {**dict(self.model.state_dict()), **out}
+        out.update(self.extra_tensors)
+        return out
+
+    def save(self, stem: Path) -> Path:
+        path = stem.with_suffix(self.suffix)
+        if self.format == "torch":
+            torch.save(self.payload if self.payload is not None else self.tensors(), path)
+        else:
+            write_safetensors(self.tensors(), path, metadata=dict(self.metadata) or None)
+        return path
+
+
+def as_tensor(obj: torch.Tensor | nn.Module) -> torch.Tensor:
+    """The tensor a sparsifier masks: ``weight`` for embedding modules, else the tensor."""
+    if isinstance(obj, nn.Module):
+        return obj.weight
+    return obj
+
+
+def select_names(
+    names: Iterable[str], include: Iterable[str] | None, exclude: Iterable[str] | None
+) -> list[str]:
+    """Names matching any ``include`` glob (all when empty) and no ``exclude`` glob."""
+    include = list(include or [])
+    exclude = list(exclude or [])
+    out = []
+    for name in names:
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        out.append(name)
+    return out
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared/non-contiguous storage (tied weights, views): write copies
+    # only where needed so a large checkpoint is not duplicated in memory.
+    seen: set[int] = set()
+    clean = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen or not t.is_contiguous():
+            t = t.clone().contiguous()
+        elif ptr != -1:
+            seen.add(ptr)
+        clean[name] = t.cpu()
+    save_file(clean, str(path), metadata=metadata)

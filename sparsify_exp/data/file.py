@@ -1,0 +1,99 @@
+"""``data=file``: tensors from a real checkpoint.
+
+``.safetensors`` files are read with safetensors; ``.pt`` / ``.pth`` / ``.bin`` files with
+``torch.load(weights_only=True)`` (no arbitrary code runs). A torch checkpoint that nests its
+tensors (``{"state_dict": {...}}``, ``{"model": {...}}``) is walked; names are the dotted paths.
+The sparsified data is written back in the input's format, the untouched entries included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsify_exp.data import DataBundle, select_names
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+
+
+def _walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, MutableMapping):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def sparsifiable(t: torch.Tensor) -> bool:
+    """Floating tensors with at least one dimension (ints, bools and scalars stay as they are)."""
+    return t.is_floating_point() and t.dim() >= 1 and t.numel() > 0
+
+
+def list_names(path: str | Path) -> list[str]:
+    """Names of the sparsifiable tensors in ``path`` (safetensors: header only, no data read)."""
+    path = Path(path)
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            names = []
+            for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                sl = f.get_slice(k)
+                if sl.get_dtype().startswith(("F", "BF")) and len(sl.get_shape()) >= 1:
+                    names.append(k)
+            return names
+    return [n for n, t in _walk(_load_torch(path)) if sparsifiable(t)]
+
+
+def _load_torch(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors for custom classes
+        raise ValueError(
+            f"data.path={path}: cannot load with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); save a plain "
+            "state_dict of tensors or convert the checkpoint to .safetensors"
+        ) from e
+
+
+def build(
+    path: str,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> DataBundle:
+    p = Path(path).expanduser()
+    if p.suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        items = list(tensors.items())
+        fmt, payload = "safetensors", None
+    else:
+        payload = _load_torch(p)
+        items = list(_walk(payload))
+        fmt, meta = "torch", {}
+    candidates = [n for n, t in items if sparsifiable(t)]
+    names = set(select_names(candidates, include, exclude))
+    if not names:
+        raise ValueError(
+            f"data.include={list(include or [])} / data.exclude={list(exclude or [])}: no "
+            f"floating tensor of {p} selected (available: {', '.join(candidates[:20])})"
+        )
+    named = {n: t for n, t in items if n in names}
+    extra = {n: t for n, t in items if n not in names}
+    return DataBundle(
+        named_data=named,
+        format=fmt,
+        source=str(p),
+        extra_tensors=extra,
+        payload=payload,
+        metadata=dict(meta),
+    )
