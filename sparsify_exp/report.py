@@ -15,8 +15,9 @@ The same report can be rebuilt from the store later, e.g. for a sweep that ran o
     python -m sparsify_exp.report --experiment NAME [--parent RUN_ID] [--tracking-uri URI]
 
 Which metrics are "quality": every metric whose first segment names an evaluator of the run
-(tag ``sparsify.evaluators``) or a shipped one (``fidelity``, ``embedding_bag``, ``task``), except per-name breakdowns -- a key that extends another logged key
-(``fidelity/rel_error/emb`` extends ``fidelity/rel_error``).
+(tag ``sparsify.evaluators``) or a shipped one (``fidelity``, ``embedding_bag``, ``task``),
+except per-name breakdowns -- a key that extends another logged key (``fidelity/rel_error/emb``
+extends ``fidelity/rel_error``). The user's own measures come first in the table.
 """
 
 from __future__ import annotations
@@ -160,8 +161,15 @@ def quality_keys_of(metric_keys: Iterable[str], evaluators: Sequence[str]) -> li
         if any("/".join(parts[:i]) in keys for i in range(2, len(parts))):
             continue  # a per-name breakdown of a summary key
         out.append(key)
-    order = {name: i for i, name in enumerate(evaluators)}
-    return sorted(out, key=lambda k: (order[k.split("/")[0]], k))
+    # the user's own measures first, then the generic ones; within a metric: sparse, delta, dense
+    generic = {"embedding_bag": 1, "fidelity": 2}
+    side = {"sparse": 0, "delta": 1, "dense": 2}
+
+    def order(key: str) -> tuple:
+        parts = key.split("/")
+        return (generic.get(parts[0], 0), parts[:-1], side.get(parts[-1], -1), parts[-1])
+
+    return sorted(out, key=order)
 
 
 def _sort_value(value: str) -> tuple:
@@ -299,13 +307,25 @@ def _fmt(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _constant_baselines(report: SweepReport) -> dict[str, float]:
+    """``.../dense`` metrics with one value over the sweep: stated once, not in every row."""
+    out = {}
+    for key in report.quality_keys:
+        if key.endswith("/dense"):
+            values = {r.quality.get(key) for r in report.rows}
+            if len(values) == 1 and None not in values:
+                out[key] = values.pop()
+    return out
+
+
 def write_markdown(report: SweepReport, path: Path, title: str = "Sweep report") -> None:
+    baselines = _constant_baselines(report)
     cols = [
-        "run_name",
+        "run",
         "status",
         *report.varied_keys,
         SPARSITY_KEY,
-        *report.quality_keys,
+        *[k for k in report.quality_keys if k not in baselines],
         DENSE_BYTES_KEY,
         COMPRESSED_BYTES_KEY,
         "size/compression",
@@ -317,9 +337,13 @@ def write_markdown(report: SweepReport, path: Path, title: str = "Sweep report")
     if report.common_overrides:
         common = " ".join(f"{k}={v}" for k, v in report.common_overrides.items())
         lines.append(f"Common overrides: `{common}`.")
+    if baselines:
+        dense = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in baselines.items())
+        lines.append(f"Dense baseline (every job): {dense}.")
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in report.rows:
         rec = _record(report, row)
+        rec["run"] = row.run_id[:8]
         cells = []
         for col in cols:
             if col in (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY):
@@ -386,7 +410,7 @@ def _finish(plt, fig, axes, groups, path: Path, title: str) -> None:
     height = fig.get_figheight()
     fig.suptitle(title, fontsize=13, y=1 - 0.12 / height, va="top")
     bottom = 0.1 / height
-    if labels:
+    if labels and labels != ["all jobs"]:
         ncol = min(len(labels), 4)
         fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
         bottom = (0.15 + 0.25 * math.ceil(len(labels) / ncol)) / height

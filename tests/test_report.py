@@ -137,9 +137,14 @@ def test_parse_overrides_forms():
 
 def test_quality_keys_skip_per_name_breakdowns():
     keys = ["fidelity/rel_error", "fidelity/rel_error/a.b", "task/accuracy/dense", "size/x"]
-    assert rep.quality_keys_of(keys, ["fidelity", "task"]) == [
-        "fidelity/rel_error",
+    keys += ["task/accuracy/sparse", "task/accuracy/delta", "mine/score"]
+    # the user's own measures first; within a metric: sparse, delta, dense
+    assert rep.quality_keys_of(keys, ["fidelity", "task", "mine"]) == [
+        "mine/score",
+        "task/accuracy/sparse",
+        "task/accuracy/delta",
         "task/accuracy/dense",
+        "fidelity/rel_error",
     ]
 
 
@@ -180,7 +185,7 @@ def test_report_rows_match_child_runs(sweep, tmp_path):
     ] == [(b, lv) for b in BLOCKS for lv in LEVELS]
 
     md = (out / "sweep_report.md").read_text()
-    assert md.count("\n| job-") == 6 and "| FAILED |" in md and "data=embeddings" in md
+    assert md.count("\n| ") == 7 and "| FAILED |" in md and "data=embeddings" in md
     for name in ("quality_vs_sparsity.png", "size_vs_sparsity.png"):
         _assert_png(out / name)
 
@@ -203,9 +208,16 @@ def test_report_of_sweep_without_varied_options(store, tmp_path):
     run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id})
     client.log_metric(run.info.run_id, "sparsity/overall", 0.5)
     client.log_metric(run.info.run_id, "task/accuracy/sparse", 0.7)
+    client.log_metric(run.info.run_id, "task/accuracy/dense", 0.9)
     client.set_terminated(run.info.run_id)
     report = rep.build_sweep_report(client, parent.info.run_id, tmp_path / "r")
-    assert [r.quality for r in report.rows] == [{"task/accuracy/sparse": 0.7}]
+    assert [r.quality for r in report.rows] == [
+        {"task/accuracy/sparse": 0.7, "task/accuracy/dense": 0.9}
+    ]
+    md = (tmp_path / "r" / "sweep_report.md").read_text()
+    # a dense value shared by every job is stated once, above the table
+    assert "Dense baseline (every job): `task/accuracy/dense` = 0.9." in md
+    assert "| task/accuracy/sparse |" in md and "| task/accuracy/dense |" not in md
     assert (tmp_path / "r" / "quality_vs_sparsity.png").is_file()
     assert not (tmp_path / "r" / "size_vs_sparsity.png").exists()  # no sizes logged
 
