@@ -552,17 +552,33 @@ def validate(cfg: DictConfig, *, build: bool = True) -> list[str]:
     sched = c["schedule"]
     n_before = len(ck.problems)
     ck.check_schema("schedule", sched, ScheduleSchema)
-    node = sched.get("scheduler")
+    sched_node = sched.get("scheduler")
     sched_cls = None
-    if isinstance(node, Mapping):
+    if isinstance(sched_node, Mapping):
         sched_cls = _check_target(
-            ck, "schedule.scheduler", node, supplied=("data_sparsifier", "last_epoch", "verbose")
+            ck,
+            "schedule.scheduler",
+            sched_node,
+            supplied=("data_sparsifier", "last_epoch", "verbose"),
         )
-        s_schema = _schema_for(node.get("_target_"))
+        s_schema = _schema_for(sched_node.get("_target_"))
         if s_schema is not None:
-            ck.check_schema("schedule.scheduler", node, s_schema, allow_extra=True)
-            _check_schedule_length(ck, sched, node)
+            ck.check_schema("schedule.scheduler", sched_node, s_schema, allow_extra=True)
+            _check_schedule_length(ck, sched, sched_node)
     sched_ok = sched_cls is not None and len(ck.problems) == n_before
+    if any(p.startswith("schedule.steps=") for p in ck.problems):
+        # total_steps is derived from schedule.steps: one line about the cause is enough
+        derived = [
+            k
+            for k in ("total_steps",)
+            if isinstance(cfg.schedule.get("scheduler"), DictConfig)
+            and OmegaConf.is_interpolation(cfg.schedule.scheduler, k)
+        ]
+        ck.problems = [
+            p
+            for p in ck.problems
+            if not any(p.startswith(f"schedule.scheduler.{k}=") for k in derived)
+        ]
 
     # ---- evaluators
     ev = c.get("eval")
@@ -584,8 +600,8 @@ def validate(cfg: DictConfig, *, build: bool = True) -> list[str]:
         sp = None
         if sp_ok:
             sp = _try_build(ck, "sparsifier", sp_node)
-        if sp is not None and sched_ok and isinstance(node, Mapping):
-            _try_build(ck, "schedule.scheduler", node, data_sparsifier=sp)
+        if sp is not None and sched_ok and isinstance(sched_node, Mapping):
+            _try_build(ck, "schedule.scheduler", sched_node, data_sparsifier=sp)
         for name, enode in ev_ok.items():
             _try_build(ck, f"eval.{name}", enode)
     return ck.problems

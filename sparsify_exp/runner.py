@@ -533,50 +533,61 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _ACTIVE_SWEEP
-        jobs = _validate_sweep(config)
-        from mlflow.tracking import MlflowClient
-
-        from sparsify_exp import tracking as tr
-
-        launch = Path(config.hydra.runtime.cwd)
-        uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
-        client = MlflowClient(tracking_uri=uri)
-        exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
-        sweep_dir = str(_abs(launch, config.hydra.sweep.dir))
-        overrides = " ".join(config.hydra.overrides.task)
-        choices = {
-            f"sparsify.choice.{k}": format_value(v)
-            for k, v in OmegaConf.to_container(config.hydra.runtime.choices).items()  # type: ignore[union-attr]
-            if not k.startswith("hydra/") and k != "hydra"
-        }
-        tags = {
-            **choices,
-            "mlflow.runName": f"sweep: {overrides}" if overrides else None,
-            "sparsify.overrides": overrides,
-            "sparsify.jobs": str(len(jobs)) if jobs is not None else "unknown",
-            "sparsify.launcher": str(
-                OmegaConf.select(config, "hydra.launcher._target_", default="")
-            ).rsplit(".", 1)[-1],
-            **tr.git_info(Path(__file__).resolve().parent),
-            **{str(k): str(v) for k, v in (config.mlflow.get("tags") or {}).items()},
-        }
-        run_id = tr.start_sweep_run(
-            client, exp_id, sweep_dir, {k: v for k, v in tags.items() if v is not None}
-        )
-        prev = os.environ.get(tr.PARENT_ENV)
-        os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
-        _ACTIVE_SWEEP = _Sweep(uri, run_id, len(jobs) if jobs is not None else None, prev)
-        log.info(
-            "sweep parent run %s: %s jobs (experiment %r, %s)",
-            run_id,
-            tags["sparsify.jobs"],
-            config.mlflow.experiment,
-            uri,
-        )
+        jobs = _validate_sweep(config)  # SystemExit(2) on a config mistake
+        try:
+            _start_sweep(config, jobs)
+        except Exception as e:  # Hydra would downgrade it to a warning: say what it means
+            log.error(
+                "could not create the sweep's parent run (%s: %s); jobs log without a parent",
+                type(e).__name__,
+                e,
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish_sweep()
+
+
+def _start_sweep(config: DictConfig, jobs: list[list[str]] | None) -> None:
+    global _ACTIVE_SWEEP
+    from mlflow.tracking import MlflowClient
+
+    from sparsify_exp import tracking as tr
+
+    launch = Path(config.hydra.runtime.cwd)
+    uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
+    sweep_dir = str(_abs(launch, config.hydra.sweep.dir))
+    overrides = " ".join(config.hydra.overrides.task)
+    choices = {
+        f"sparsify.choice.{k}": format_value(v)
+        for k, v in OmegaConf.to_container(config.hydra.runtime.choices).items()  # type: ignore[union-attr]
+        if not k.startswith("hydra/") and k != "hydra"
+    }
+    tags = {
+        **choices,
+        "mlflow.runName": f"sweep: {overrides}" if overrides else None,
+        "sparsify.overrides": overrides,
+        "sparsify.jobs": str(len(jobs)) if jobs is not None else "unknown",
+        "sparsify.launcher": str(
+            OmegaConf.select(config, "hydra.launcher._target_", default="")
+        ).rsplit(".", 1)[-1],
+        **tr.git_info(Path(__file__).resolve().parent),
+        **{str(k): str(v) for k, v in (config.mlflow.get("tags") or {}).items()},
+    }
+    run_id = tr.start_sweep_run(
+        client, exp_id, sweep_dir, {k: v for k, v in tags.items() if v is not None}
+    )
+    prev = os.environ.get(tr.PARENT_ENV)
+    os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
+    _ACTIVE_SWEEP = _Sweep(uri, run_id, len(jobs) if jobs is not None else None, prev)
+    log.info(
+        "sweep parent run %s: %s jobs (experiment %r, %s)",
+        run_id,
+        tags["sparsify.jobs"],
+        config.mlflow.experiment,
+        uri,
+    )
 
 
 def _validate_sweep(config: DictConfig) -> list[list[str]] | None:
@@ -588,7 +599,7 @@ def _validate_sweep(config: DictConfig) -> list[list[str]] | None:
         log.debug("could not expand the sweep: %s", e)
         return None
     problems: list[str] = []
-    config_name = HydraConfig.get().job.config_name
+    config_name = OmegaConf.select(config, "hydra.job.config_name", default=None) or "config"
     for overrides in jobs or [list(config.hydra.overrides.task)]:
         try:
             job_cfg = compose(config_name=config_name, overrides=overrides)
