@@ -223,6 +223,8 @@ def format_value(value: Any) -> str:
     """A value as a user would type it on the command line."""
     if value is None:
         return "null"
+    if isinstance(value, str) and not value.strip():
+        return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple, ListConfig)):
@@ -246,7 +248,7 @@ class _Checker:
         self.problems: list[str] = []
 
     def add(self, key: str, value: Any, message: str) -> None:
-        line = f"{key}={format_value(value)}: {message}"
+        line = " ".join(f"{key}={format_value(value)}: {message}".split())  # one line, always
         if line not in self.problems:
             self.problems.append(line)
 
@@ -595,6 +597,9 @@ def validate(cfg: DictConfig, *, build: bool = True) -> list[str]:
             if obj is not None and len(ck.problems) == n_before:
                 ev_ok[name] = node
 
+    if ck.problems:
+        ck.problems = _drop_derived(cfg, ck.problems)
+
     # ---- build the library objects without data: their own checks, now
     if build:
         sp = None
@@ -605,6 +610,27 @@ def validate(cfg: DictConfig, *, build: bool = True) -> list[str]:
         for name, enode in ev_ok.items():
             _try_build(ck, f"eval.{name}", enode)
     return ck.problems
+
+
+_SIMPLE_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def _drop_derived(cfg: DictConfig, problems: list[str]) -> list[str]:
+    """Drops ``data.seed=x`` when it is ``${seed}`` and ``seed=x`` is already reported."""
+    keys = [p.split("=", 1)[0] for p in problems]
+    out = []
+    for key, problem in zip(keys, problems, strict=True):
+        parent_key, _, leaf = key.rpartition(".")
+        try:
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            raw = parent._get_node(leaf)._value() if isinstance(parent, DictConfig) else None
+        except Exception:
+            raw = None
+        m = _SIMPLE_INTERPOLATION.match(raw) if isinstance(raw, str) else None
+        if m and m.group(1) in keys:
+            continue
+        out.append(problem)
+    return out
 
 
 def _try_build(ck: _Checker, prefix: str, node: Mapping, **kwargs: Any) -> Any:
