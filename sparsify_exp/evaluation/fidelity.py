@@ -32,10 +32,10 @@ def energies(data: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     keep = mask.detach().reshape(-1)
     total = kept = 0.0
     for start in range(0, flat.numel(), _CHUNK_ENTRIES):
-        chunk = flat[start : start + _CHUNK_ENTRIES].to(torch.float64)
-        sq = chunk * chunk
+        chunk = flat[start : start + _CHUNK_ENTRIES].to(torch.float64, copy=True)
+        sq = chunk.square_()  # chunk is a float64 copy: square it in place
         total += float(sq.sum())
-        kept += float(sq[keep[start : start + _CHUNK_ENTRIES].bool()].sum())
+        kept += float(sq.mul_(keep[start : start + _CHUNK_ENTRIES]).sum())
     return total, kept
 
 
