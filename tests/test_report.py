@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,23 +83,9 @@ def make_sweep(tracking_uri: str, failed: bool = False) -> tuple[mlflow.MlflowCl
     return client, parent.info.run_id, expected
 
 
-@pytest.fixture(scope="module")
-def _template_store(tmp_path_factory) -> Path:
-    """One migrated sqlite store per module: a fresh one costs ~2 s of schema migrations."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def store(tmp_path, _template_store) -> str:
-    shutil.copy(_template_store, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
-
-
-@pytest.fixture
-def sweep(store):
-    return make_sweep(store, failed=True)
+def sweep(store):  # `store`: a migrated sqlite store in tmp_path (tests/conftest.py)
+    return make_sweep(store.uri, failed=True)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -202,7 +187,7 @@ def test_report_rows_match_child_runs(sweep, tmp_path):
 
 
 def test_report_of_sweep_without_varied_options(store, tmp_path):
-    client = mlflow.MlflowClient(tracking_uri=store)
+    client = mlflow.MlflowClient(tracking_uri=store.uri)
     exp_id = client.create_experiment("one")
     parent = client.create_run(exp_id, tags={"sparsify.sweep": "true"})
     run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id})
