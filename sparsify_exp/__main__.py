@@ -1,20 +1,7 @@
 """``python -m sparsify_exp [group=option ...] [key=value ...]`` (``-m`` for a sweep)."""
 
-import threading
-
-
-def _prefetch() -> None:
-    # MLflow's import and its sqlite store modules take ~2 s; start them while Hydra composes
-    # and validates the config on the main thread (I/O and C code overlap across threads).
-    try:
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-        import mlflow.tracking  # noqa: F401
-    except Exception:  # the main thread will report any real import problem
-        pass
-
+from sparsify_exp import runner
 
 if __name__ == "__main__":
-    threading.Thread(target=_prefetch, name="sparsify-prefetch", daemon=True).start()
-    from sparsify_exp.runner import main
-
-    main()
+    runner.start_prefetch()
+    runner.main()

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -89,6 +90,33 @@ def _abs(base: Path, path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else base / p
 
 
+# --------------------------------------------------------------------------- MLflow prefetch
+
+_PREFETCH: threading.Thread | None = None
+
+
+def _prefetch_mlflow() -> None:
+    try:
+        import mlflow
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except Exception:  # the main thread imports again and reports any real problem
+        pass
+
+
+def start_prefetch() -> None:
+    """Imports MLflow (~2 s) on a thread while Hydra composes and the data is built."""
+    global _PREFETCH
+    if _PREFETCH is None and "mlflow.tracking" not in sys.modules:
+        _PREFETCH = threading.Thread(target=_prefetch_mlflow, name="mlflow-import", daemon=True)
+        _PREFETCH.start()
+
+
+def _mlflow_ready() -> None:
+    """Waits for the prefetch: two threads importing MLflow at once break its circular imports."""
+    if _PREFETCH is not None:
+        _PREFETCH.join()
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -102,14 +130,24 @@ def run(cfg: DictConfig) -> str:
     if problems:
         raise ConfigError(problems)
 
-    from mlflow.tracking import MlflowClient
-
-    from sparsify_exp import tracking as tr
-
     job = job_info()
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     c: dict[str, Any] = OmegaConf.to_container(body, resolve=True)  # type: ignore[assignment]
     m = c["mlflow"]
+
+    # Build first (torch work overlaps MLflow's import on the prefetch thread); a failure
+    # here is still recorded: the run is created below and marked FAILED with it.
+    built: _Built | None = None
+    build_error: Exception | None = None
+    try:
+        built = _build(cfg, c)
+    except Exception as e:
+        build_error = e
+
+    _mlflow_ready()
+    from mlflow.tracking import MlflowClient
+
+    from sparsify_exp import tracking as tr
 
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
     client = MlflowClient(tracking_uri=uri)
@@ -147,7 +185,10 @@ def run(cfg: DictConfig) -> str:
     artifacts = job.output_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     try:
-        _execute(cfg, c, job, tracker, artifacts)
+        if build_error is not None:
+            raise build_error
+        assert built is not None
+        _execute(built, c, job, tracker, artifacts)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         try:
@@ -221,11 +262,50 @@ def _hook(evaluators: Mapping[str, Any], hook: str, ctx: Any) -> dict[str, float
     return out
 
 
-def _execute(
-    cfg: DictConfig, c: dict[str, Any], job: JobInfo, tracker: Any, artifacts: Path
-) -> None:
+@dataclass
+class _Built:
+    bundle: Any
+    sparsifier: Any
+    added: dict[str, Any]
+    skipped: list[str]
+    scheduler: Any
+    evaluators: dict[str, Any]
+
+
+def _build(cfg: DictConfig, c: dict[str, Any]) -> _Built:
+    """Data, sparsifier (``add_data`` with the per-name config), scheduler, evaluators."""
     from hydra.utils import instantiate
 
+    torch.manual_seed(int(c["seed"]))
+    bundle = instantiate(cfg.data, _convert_="all")
+    sp = instantiate(cfg.sparsifier, _convert_="all")
+    rules = c["per_name"].get("rules") or []
+    added: dict[str, Any] = {}
+    skipped: list[str] = []
+    for name, obj in bundle.named_data.items():
+        skip, conf = _per_name_config(name, rules)
+        if skip:
+            skipped.append(name)
+            continue
+        sp.add_data(name, obj, **conf)
+        added[name] = obj
+    if not added:
+        raise ValueError(
+            f"per_name rules skip every name ({len(skipped)}); nothing left to sparsify"
+        )
+    sched_node = cfg.schedule.scheduler
+    sched = (
+        instantiate(sched_node, data_sparsifier=sp, _convert_="all")
+        if sched_node is not None
+        else None
+    )
+    evaluators = {
+        name: instantiate(node, _convert_="all") for name, node in (cfg.get("eval") or {}).items()
+    }
+    return _Built(bundle, sp, added, skipped, sched, evaluators)
+
+
+def _execute(built: _Built, c: dict[str, Any], job: JobInfo, tracker: Any, artifacts: Path) -> None:
     from sparsify_exp import tracking as tr
     from sparsify_exp.data import as_tensor
     from sparsify_exp.evaluation import EvalContext
@@ -239,33 +319,14 @@ def _execute(
     (cfg_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(job.overrides)))
 
     try:
-        torch.manual_seed(int(c["seed"]))
-        bundle = instantiate(cfg.data, _convert_="all")
-        sp = instantiate(cfg.sparsifier, _convert_="all")
-        rules = c["per_name"].get("rules") or []
-        added: dict[str, Any] = {}
-        skipped: list[str] = []
-        for name, obj in bundle.named_data.items():
-            skip, conf = _per_name_config(name, rules)
-            if skip:
-                skipped.append(name)
-                continue
-            sp.add_data(name, obj, **conf)
-            added[name] = obj
-        if not added:
-            raise ValueError(
-                f"per_name rules skip every name ({len(skipped)}); nothing left to sparsify"
-            )
-        sched_node = cfg.schedule.scheduler
-        sched = (
-            instantiate(sched_node, data_sparsifier=sp, _convert_="all")
-            if sched_node is not None
-            else None
+        bundle, sp, added, skipped, sched, evaluators = (
+            built.bundle,
+            built.sparsifier,
+            built.added,
+            built.skipped,
+            built.scheduler,
+            built.evaluators,
         )
-        evaluators = {
-            name: instantiate(node, _convert_="all")
-            for name, node in (cfg.get("eval") or {}).items()
-        }
         eval_dir = artifacts / "eval"
         eval_dir.mkdir(exist_ok=True)
         ctx = EvalContext(
@@ -549,6 +610,7 @@ class SweepCallback(Callback):
 
 def _start_sweep(config: DictConfig, jobs: list[list[str]] | None) -> None:
     global _ACTIVE_SWEEP
+    _mlflow_ready()
     from mlflow.tracking import MlflowClient
 
     from sparsify_exp import tracking as tr
@@ -624,6 +686,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
     sweep, _ACTIVE_SWEEP = _ACTIVE_SWEEP, None
     if sweep is None:
         return
+    _mlflow_ready()
     from mlflow.tracking import MlflowClient
 
     from sparsify_exp import tracking as tr

@@ -194,14 +194,23 @@ class RunTracker:
             self.flush()
         except Exception:
             self._metrics = []
-        reason = f"{type(error).__name__}: {error}".strip()
+        reason = failure_reason(error)
         try:
-            self.set_tags({FAILURE_TAG: reason.splitlines()[0] if reason else status})
+            self.set_tags({FAILURE_TAG: reason})
             self.client.set_tag(
                 self.run_id, "mlflow.note.content", f"**{status}**\n\n```\n{reason}\n```"
             )
         finally:
             self.client.set_terminated(self.run_id, status)
+
+
+def failure_reason(error: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` on one line, looking through Hydra's instantiation wrapper."""
+    while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def _param_value(v: Any) -> str:
@@ -255,7 +264,8 @@ def load_masks(path: str | os.PathLike) -> dict[str, Any]:
         if meta.get("format") != MASK_FORMAT:
             raise ValueError(f"{path}: not a {MASK_FORMAT} file (format={meta.get('format')!r})")
         shapes = json.loads(meta["shapes"])
-        return {name: unpack_mask(f.get_tensor(name), shapes[name]) for name in shapes}
+        # .bool(): unpack_mask of this library version returns 0/1 uint8 despite its docstring
+        return {name: unpack_mask(f.get_tensor(name), shapes[name]).bool() for name in shapes}
 
 
 # --------------------------------------------------------------------------- sweeps
