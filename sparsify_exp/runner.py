@@ -499,8 +499,9 @@ def _write_table(
 
 
 def _sizes(bundle: Any, added: Mapping[str, Any], kept: Mapping[str, int]) -> dict[str, float]:
-    """Dense bytes of all written tensors, and the same with each sparsified tensor stored as a
-    1-bit-per-entry mask plus its kept values (the bitmask encoding; see docs/runner.md)."""
+    """Bytes of every written tensor stored dense, and stored compactly: each sparsified tensor
+    as a 1-bit-per-entry mask plus its kept values (the bitmask encoding), or dense where that
+    is smaller (nearly dense data). See docs/runner.md."""
     from sparsify_exp.data import as_tensor
     from sparsify_exp.sparsifier.mask_bits import packed_nbytes
 
@@ -509,7 +510,7 @@ def _sizes(bundle: Any, added: Mapping[str, Any], kept: Mapping[str, int]) -> di
     for name, obj in added.items():
         t = as_tensor(obj)
         encoded = packed_nbytes(t.numel()) + kept[name] * t.element_size()
-        saved += t.numel() * t.element_size() - encoded
+        saved += max(t.numel() * t.element_size() - encoded, 0)
     return {"size/dense_bytes": float(dense), "size/compressed_bytes": float(dense - saved)}
 
 

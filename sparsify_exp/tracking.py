@@ -133,11 +133,20 @@ def git_info(path: str | os.PathLike) -> dict[str, str]:
 class RunTracker:
     """Buffers metrics and writes them in batches to one run."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 5000):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        flush_every: int = 5000,
+        flush_seconds: float = 2.0,
+    ):
         self.client = client
         self.run_id = run_id
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        """Also flush when this long has passed, so the dashboard follows a long run live."""
         self._metrics: list[Metric] = []
+        self._last_flush = time.monotonic()
         self.metrics_logged = 0
 
     @classmethod
@@ -159,10 +168,14 @@ class RunTracker:
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
             self._metrics.append(Metric(k, float(v), ts, int(step)))
-        if len(self._metrics) >= self.flush_every:
+        if (
+            len(self._metrics) >= self.flush_every
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
             self.flush()
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if self._metrics:
             batch, self._metrics = self._metrics, []
             self.client.log_batch(self.run_id, metrics=batch)
