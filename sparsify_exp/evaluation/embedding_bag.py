@@ -4,9 +4,10 @@ For every ``nn.Embedding`` / ``nn.EmbeddingBag`` among the data (and 2-D tensors
 ``include_tensors``), a seeded sample of random bags goes through the dense table and the
 masked table; the metrics are the cosine similarity between the two bag outputs, pooled over
 all tables (``cosine_mean``, ``cosine_p05`` -- the 5th percentile, the bags hurt most) and per
-table (``.../<name>``), and two forward-time ratios, sparse over dense (the fastest of
-``timing_repeats`` samples each, interleaved, a sample repeating the forward for ~2 ms: the
-minimum is the estimate least hurt by other work on the machine):
+table (``.../<name>``), and two forward-time ratios, sparse over dense (the fastest single
+call of each over ``timing_repeats`` rounds of ~2 ms that take turns between them: the
+estimate least hurt by other work on the machine; on one thread, so the ratio compares
+kernels, not thread scheduling):
 
 * ``forward_time_ratio``     -- the squashed table as the user gets it (the same dense
   layout, zeros stored): about 1.0; zeros alone do not make a bag faster.
@@ -19,8 +20,10 @@ An ``nn.EmbeddingBag`` uses its own ``mode``; a plain ``nn.Embedding`` or tensor
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +42,39 @@ def _bags(num_rows: int, num_bags: int, bag_size: int, seed: int):
     return indices, offsets
 
 
-_MIN_SAMPLE_S = 2e-3  # a timing sample repeats a forward until it lasts about this long
+_ROUND_S = 2e-3  # one round times each forward back to back for about this long
 
 
-def _timed(fn, *args, inner: int = 1) -> float:
-    """Seconds a call of ``fn(*args)`` takes, averaged over ``inner`` back-to-back calls."""
+def _timed(fn) -> float:
     t0 = time.perf_counter()
-    for _ in range(inner):
-        fn(*args)
-    return (time.perf_counter() - t0) / inner
+    fn()
+    return time.perf_counter() - t0
 
 
-def _inner_calls(fn, *args) -> int:
-    """How many back-to-back calls make a sample last ``_MIN_SAMPLE_S`` (doubling, as timeit)."""
-    inner = 1
-    while inner < 4096 and _timed(fn, *args, inner=inner) * inner < _MIN_SAMPLE_S:
-        inner *= 2
-    return inner
+def time_interleaved(fns, rounds: int) -> list[float]:
+    """The fastest single call of each fn, over ``rounds`` rounds that take turns between them.
+
+    The minimum of single calls is the estimate least hurt by other work on the machine, and
+    taking turns exposes every fn to the same load. Timed on one thread: on a busy machine an
+    intra-op thread that lost its core stalls a call for a whole scheduler tick (~10 ms, 400x a
+    27 us bag forward), which swamps the kernels being compared.
+    """
+    fns = list(fns)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no waiting on a descheduled intra-op thread: kernels compared
+    try:
+        for fn in fns:  # warm-up
+            fn()
+        estimate = [min(_timed(fn) for _ in range(3)) for fn in fns]
+        calls = [max(1, min(256, math.ceil(_ROUND_S / max(t, 1e-7)))) for t in estimate]
+        best = estimate[:]
+        for _ in range(rounds):
+            for j, fn in enumerate(fns):
+                for _ in range(calls[j]):
+                    best[j] = min(best[j], _timed(fn))
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 class EmbeddingBagEvaluator(Evaluator):
@@ -144,19 +163,15 @@ class EmbeddingBagEvaluator(Evaluator):
                 )
 
             if self.timing_repeats > 0:
-                bag(dense), bag(sparse)  # warm-up
-                inner = _inner_calls(bag, dense)
-                dense_times, sparse_times = [], []
-                for _ in range(self.timing_repeats):  # interleaved: noise hits both alike
-                    dense_times.append(_timed(bag, dense, inner=inner))
-                    sparse_times.append(_timed(bag, sparse, inner=inner))
-                t_dense += min(dense_times)
-                t_sparse += min(sparse_times)
-                csr_time = self._time_csr(sparse, indices, offsets, mode) if csr_ok else None
-                if csr_time is None:
-                    csr_ok = False
-                else:
-                    t_csr += csr_time
+                csr = self._csr_forward(sparse, indices, offsets, mode) if csr_ok else None
+                csr_ok = csr is not None
+                times = time_interleaved(
+                    [partial(bag, dense), partial(bag, sparse), *([csr] if csr else [])],
+                    rounds=self.timing_repeats,
+                )
+                t_dense += times[0]
+                t_sparse += times[1]
+                t_csr += times[2] if csr else 0.0
 
         cos = torch.cat(all_cos)
         metrics[f"{self.name}/cosine_mean"] = float(cos.mean())
@@ -168,8 +183,8 @@ class EmbeddingBagEvaluator(Evaluator):
                 metrics[f"{self.name}/forward_time_ratio_csr"] = t_csr / t_dense
         return metrics
 
-    def _time_csr(self, sparse: torch.Tensor, indices, offsets, mode: str) -> float | None:
-        """Fastest time of the bags through the kept entries as a CSR table; None if unsupported."""
+    def _csr_forward(self, sparse: torch.Tensor, indices, offsets, mode: str):
+        """The bags through the kept entries as a CSR table (a closure), or None if unsupported."""
         if mode == "max":
             return None
         n_bags, n_rows = offsets.numel(), sparse.shape[0]
@@ -182,10 +197,13 @@ class EmbeddingBagEvaluator(Evaluator):
                 warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
                 bags = torch.sparse_csr_tensor(crow, indices, values, size=(n_bags, n_rows))
                 table = sparse.to_sparse_csr()
-                inner = _inner_calls(torch.sparse.mm, bags, table)  # (also the warm-up)
-                return min(
-                    _timed(torch.sparse.mm, bags, table, inner=inner)
-                    for _ in range(self.timing_repeats)
-                )
+                torch.sparse.mm(bags, table)
         except (RuntimeError, NotImplementedError):  # e.g. no CSR kernel for this dtype/device
             return None
+
+        def forward():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse.mm(bags, table)
+
+        return forward
