@@ -173,10 +173,18 @@ def quality_keys_of(metric_keys: Iterable[str], evaluators: Sequence[str]) -> li
 
 
 def _sort_value(value: str) -> tuple:
+    """Numbers by value, lists of numbers (block shapes) by their entries, the rest as text."""
     try:
-        return (0, float(value), "")
+        return (0, (float(value),), "")
     except ValueError:
-        return (1, 0.0, value)
+        pass
+    try:
+        parsed = ast.literal_eval(value)
+        if isinstance(parsed, (list, tuple)) and all(isinstance(x, (int, float)) for x in parsed):
+            return (1, tuple(float(x) for x in parsed), "")
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    return (2, (), value)
 
 
 def child_runs(client: mlflow.MlflowClient, parent_run_id: str) -> list[Run]:
@@ -377,6 +385,20 @@ def _series(report: SweepReport) -> dict[str, list[JobRow]]:
     return groups
 
 
+_MARKERS = "os^Dvp*"
+
+
+def _style(i: int, colors: list[str]) -> dict:
+    """Series i: its own colour and marker; earlier lines wider, so overlapping ones show."""
+    return {
+        "color": colors[i % len(colors)],
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "lw": max(3.2 - 0.7 * i, 1.2),
+        "ms": max(7.0 - 1.0 * i, 4.0),
+        "zorder": 2 + i,
+    }
+
+
 def _plot_keys(report: SweepReport) -> list[str]:
     """The quality panels: sparse-side metrics, no deltas, dense baselines, nor timings."""
     keys = [
@@ -436,7 +458,7 @@ def plot_quality(report: SweepReport, path: Path) -> bool:
             pts = [(r.sparsity, r.quality[key]) for r in rows if key in r.quality]
             if pts:
                 xs, ys = zip(*pts, strict=False)
-                ax.plot(xs, ys, "o-", color=colors[i % len(colors)], label=label, ms=4)
+                ax.plot(xs, ys, label=label, **_style(i, colors))
         if key.endswith("/sparse"):  # the dense baseline the sparse value is judged against
             dense_key = key[: -len("/sparse")] + "/dense"
             dense = [r.quality[dense_key] for r in report.rows if dense_key in r.quality]
@@ -461,25 +483,12 @@ def plot_size(report: SweepReport, path: Path) -> bool:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     allrows = [r for rows in groups.values() for r in rows]
     mib = 1024.0 * 1024.0
-    scale, unit = (
-        (mib, "MiB")
-        if max(r.compressed_bytes or 0 for r in allrows) > mib
-        else (
-            1024.0,
-            "KiB",
-        )
-    )
+    big = max(r.compressed_bytes or 0 for r in allrows) > mib
+    scale, unit = (mib, "MiB") if big else (1024.0, "KiB")
     ax = axes[0]
     for i, (label, rows) in enumerate(groups.items()):
-        xs = [r.sparsity for r in rows]
-        ax.plot(
-            xs,
-            [r.compressed_bytes / scale for r in rows],
-            "o-",
-            color=colors[i % len(colors)],
-            label=label,
-            ms=4,
-        )
+        sizes = [r.compressed_bytes / scale for r in rows]
+        ax.plot([r.sparsity for r in rows], sizes, label=label, **_style(i, colors))
     dense = sorted({r.dense_bytes for r in allrows if r.dense_bytes})
     for j, d in enumerate(dense):
         ax.axhline(d / scale, color="grey", ls="--", lw=1, label=None if j else "dense size")
@@ -494,8 +503,11 @@ def plot_size(report: SweepReport, path: Path) -> bool:
             pts = [(r.sparsity, r.quality[key]) for r in rows if key in r.quality]
             if pts:
                 xs, ys = zip(*pts, strict=False)
-                ax.plot(xs, ys, "o-", color=colors[i % len(colors)], label=label, ms=4)
+                ax.plot(xs, ys, label=label, **_style(i, colors))
         ax.axhline(1.0, color="grey", ls="--", lw=1)
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi / lo > 20:  # ratios spanning decades: log scale
+            ax.set_yscale("log")
         ax.set_title(key, fontsize=10)
         ax.set_ylabel("time sparse / dense")
         _sparsity_axis(ax)
@@ -515,7 +527,8 @@ def build_sweep_report(
     report = build_rows(child_runs(client, parent_run_id))
     report.parent_run_id = parent_run_id
     parent = client.get_run(parent_run_id)
-    title = f"Sweep report: {parent.info.run_name or parent_run_id}"
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    title = f"Sweep report: experiment {experiment}"
     for name, writer in (
         ("sweep_report.csv", write_csv),
         ("sweep_report.md", lambda r, p: write_markdown(r, p, title)),

@@ -18,14 +18,14 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-BLOCKS = ["[1,4]", "[4,4]"]
+BLOCKS = ["[1,4]", "[1,16]", "[4,4]"]  # numeric order, not text order
 LEVELS = [0.2, 0.5, 0.8]
 
 
 def _child_metrics(block: str, level: float) -> dict[str, float]:
     """Deterministic, distinct metrics for each job (a bigger block loses more)."""
-    penalty = 1.0 if block == "[1,4]" else 1.5
-    sparsity = level * (0.98 if block == "[1,4]" else 0.96)
+    penalty = {"[1,4]": 1.0, "[1,16]": 1.3, "[4,4]": 1.5}[block]
+    sparsity = level * (1 - 0.02 * penalty)
     metrics = {
         "sparsity/overall": sparsity,
         "size/dense_bytes": 4_000_000.0,
@@ -43,7 +43,7 @@ def _child_metrics(block: str, level: float) -> dict[str, float]:
 
 
 def make_sweep(tracking_uri: str, failed: bool = False) -> tuple[mlflow.MlflowClient, str, dict]:
-    """A parent run and 2 x 3 child runs, laid out the way the runner writes them."""
+    """A parent run and 3 x 3 child runs, laid out the way the runner writes them."""
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp_id = client.create_experiment("sweep")
     parent = client.create_run(exp_id, run_name="sweep-parent", tags={"sparsify.sweep": "true"})
@@ -138,7 +138,7 @@ def test_report_rows_match_child_runs(sweep, tmp_path):
     out = tmp_path / "out"
     report = rep.write_sweep_report(client, parent_id, out)
     rows = _read_csv(out / "sweep_report.csv")
-    assert len(rows) == len(expected) == 6
+    assert len(rows) == len(expected) == 9
     assert report.varied_keys == ["sparsifier.sparse_block_shape", "sparsifier.sparsity_level"]
     assert report.series_keys == ["sparsifier.sparse_block_shape"]
     assert report.common_overrides == {"data": "embeddings"}
@@ -170,7 +170,7 @@ def test_report_rows_match_child_runs(sweep, tmp_path):
     ] == [(b, lv) for b in BLOCKS for lv in LEVELS]
 
     md = (out / "sweep_report.md").read_text()
-    assert md.count("\n| ") == 7 and "| FAILED |" in md and "data=embeddings" in md
+    assert md.count("\n| ") == 10 and "| FAILED |" in md and "data=embeddings" in md
     for name in ("quality_vs_sparsity.png", "size_vs_sparsity.png"):
         _assert_png(out / name)
 
