@@ -93,26 +93,40 @@ def _abs(base: Path, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- MLflow prefetch
 
 _PREFETCH: threading.Thread | None = None
+_MLFLOW_IMPORTED = threading.Event()
 
 
-def _prefetch_mlflow() -> None:
+def _prefetch() -> None:
     try:
         import mlflow
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     except Exception:  # the main thread imports again and reports any real problem
         pass
+    finally:
+        _MLFLOW_IMPORTED.set()
+    try:  # the mask pictures need these at the end of the run
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure  # noqa: F401
+    except Exception:
+        pass
 
 
 def start_prefetch() -> None:
-    """Imports MLflow (~2 s) on a thread while Hydra composes and the data is built."""
+    """Imports MLflow (~2 s), then matplotlib, on a thread while Hydra composes, the data is
+    built and the steps run."""
     global _PREFETCH
     if _PREFETCH is None and "mlflow.tracking" not in sys.modules:
-        _PREFETCH = threading.Thread(target=_prefetch_mlflow, name="mlflow-import", daemon=True)
+        _PREFETCH = threading.Thread(target=_prefetch, name="sparsify-prefetch", daemon=True)
         _PREFETCH.start()
 
 
 def _mlflow_ready() -> None:
-    """Waits for the prefetch: two threads importing MLflow at once break its circular imports."""
+    """Waits for MLflow's import: two threads importing it at once break its circular imports."""
+    if _PREFETCH is not None:
+        _MLFLOW_IMPORTED.wait()
+
+
+def _prefetch_done() -> None:
     if _PREFETCH is not None:
         _PREFETCH.join()
 
@@ -214,7 +228,7 @@ class _Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=steps, desc="sparsify", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=steps, desc="sparsify", unit="step")
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
         sparsity = metrics.get("sparsity/overall", float("nan"))
@@ -519,6 +533,7 @@ def _mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int
     two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
     if not two_d:
         return 0
+    _prefetch_done()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
