@@ -50,7 +50,9 @@ OVERRIDE_TAGS = ("sparsify.overrides", "hydra.overrides", "overrides")
 ERROR_TAGS = ("sparsify.failure", "sparsify.error", "mlflow.note.content")
 DEFAULT_EVALUATORS = ("fidelity", "embedding_bag", "task")
 # varied keys that set the level: they become the x axis (sparsity reached), not a line
-LEVEL_KEY_PATTERN = re.compile(r"(^|\.)(sparsity_level|level|target_sparsity)$")
+LEVEL_KEY_PATTERN = re.compile(
+    r"(^|\.)(sparsity_level|level|target_sparsity)$|^schedule\.(.*\.)?(target|initial_value)$"
+)
 ARTIFACT_DIR = "report"
 MAX_PANELS = 9
 

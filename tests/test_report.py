@@ -120,6 +120,21 @@ def test_parse_overrides_forms():
     assert rep.parse_overrides("") == {}
 
 
+@pytest.mark.parametrize(
+    ("key", "is_level"),
+    [
+        ("sparsifier.sparsity_level", True),
+        ("schedule.scheduler.target", True),
+        ("per_name.rules.0.config.sparsity_level", True),
+        ("sparsifier.sparse_block_shape", False),
+        ("sparsifier", False),
+        ("schedule.steps", False),
+    ],
+)
+def test_level_keys_are_the_x_axis_not_a_line(key, is_level):
+    assert bool(rep.LEVEL_KEY_PATTERN.search(key)) is is_level
+
+
 def test_quality_keys_skip_per_name_breakdowns():
     keys = ["fidelity/rel_error", "fidelity/rel_error/a.b", "task/accuracy/dense", "size/x"]
     keys += ["task/accuracy/sparse", "task/accuracy/delta", "mine/score"]
