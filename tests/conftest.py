@@ -70,3 +70,9 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def cli():
+    """``cli(args, cwd, env=None)``: runs ``python -m sparsify_exp`` in a subprocess."""
+    return run_cli

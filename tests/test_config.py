@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 from sparsify_exp.config import validate
 from sparsify_exp.runner import compose_config
-from tests.conftest import run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "sparsify_exp" / "conf"
 GROUPS = ["data", "sparsifier", "schedule", "per_name", "eval"]
@@ -166,8 +165,8 @@ def test_unknown_option_lists_the_available_ones():
         compose_config(["sparsifier=nope"])
 
 
-def test_cli_reports_all_problems_at_once_without_traceback(store):
-    proc = run_cli(
+def test_cli_reports_all_problems_at_once_without_traceback(store, cli):
+    proc = cli(
         [
             "sparsifier.sparsity_level=1.5",
             "sparsifier.norm=L3",
@@ -192,8 +191,8 @@ def test_cli_reports_all_problems_at_once_without_traceback(store):
     assert store.runs() == []  # nothing was started
 
 
-def test_sweep_with_a_bad_job_stops_before_any_job_runs(store):
-    proc = run_cli(["-m", "sparsifier.sparsity_level=0.5,1.5", "eval=[]"], cwd=store.dir)
+def test_sweep_with_a_bad_job_stops_before_any_job_runs(store, cli):
+    proc = cli(["-m", "sparsifier.sparsity_level=0.5,1.5", "eval=[]"], cwd=store.dir)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from sparsify_exp.evaluation import Evaluator
 from sparsify_exp.runner import run_overrides
 from sparsify_exp.tracking import find_sweep_runs, find_sweeps, load_masks
-from tests.conftest import run_cli
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -27,10 +26,10 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
     return out
 
 
-def test_card_command_end_to_end(store, migrated_db):
+def test_card_command_end_to_end(store, migrated_db, cli):
     """`python -m sparsify_exp sparsifier=first_row data=embeddings` with MLflow's default
     store resolution: sqlite:///mlflow.db in the launch directory."""
-    proc = run_cli(
+    proc = cli(
         ["sparsifier=first_row", "data=embeddings"],
         cwd=store.dir,
         env={"MLFLOW_TRACKING_URI": ""},
@@ -214,8 +213,8 @@ def test_failure_mid_run_is_failed_with_reason_and_keeps_what_was_logged(store):
     assert "error.txt" in arts and "config/config.yaml" in arts
 
 
-def test_sweep_with_joblib_gives_one_parent_and_three_children(store):
-    proc = run_cli(
+def test_sweep_with_joblib_gives_one_parent_and_three_children(store, cli):
+    proc = cli(
         [
             "-m",
             "hydra/launcher=joblib",
@@ -248,10 +247,10 @@ def test_sweep_with_joblib_gives_one_parent_and_three_children(store):
         assert child.data.metrics["sparsity/overall"] == pytest.approx(level, abs=0.01)
 
 
-def test_sweep_with_a_failing_job_marks_the_parent_failed(store):
+def test_sweep_with_a_failing_job_marks_the_parent_failed(store, cli):
     save_file({"w": torch.randn(4, 8)}, str(store.dir / "good.safetensors"))
     (store.dir / "corrupt.pt").write_bytes(b"not a pickle")
-    proc = run_cli(
+    proc = cli(
         ["-m", "data=file", "data.path=good.safetensors,corrupt.pt", "eval=[]"],
         cwd=store.dir,
     )
