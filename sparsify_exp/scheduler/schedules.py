@@ -3,7 +3,9 @@ schedule of Zhu & Gupta (2017). Each takes per-name targets.
 
 ``target`` is a number for every name, a ``{name: number}`` dict (names it leaves out use
 their configured value), or ``None``: each name's configured value (``data_groups[name]``),
-so per-name configs given to ``add_data`` become per-name targets.
+so per-name configs given to ``add_data`` become per-name targets. (``StepScheduler`` is
+the exception: like ``StepLR`` it starts from the configured value and has no target unless
+given one.)
 """
 
 from __future__ import annotations
@@ -118,11 +120,12 @@ class LinearScheduler(_TargetScheduler):
 
 
 class StepScheduler(_TargetScheduler):
-    r"""Multiplies by ``gamma`` every ``step_size`` epochs: ``v_t = v_0 * gamma**(t // step_size)``.
+    r"""Multiplies by ``gamma`` every ``step_size`` epochs, like torch's ``StepLR``.
 
-    ``initial_value=None`` starts from each name's configured value. With a target the value
-    stops there (from below when ``gamma > 1``, from above when ``gamma < 1``); without one a
-    ``sparsity_level`` is kept in [0, 1].
+    ``v_t = v_0 * gamma**(t // step_size)``; ``initial_value=None`` starts from each name's
+    configured value. A ``target`` (number or per-name dict) stops the value there (from
+    below when ``gamma > 1``, from above when ``gamma < 1``). Without one there is no stop,
+    except that a ``sparsity_level`` is kept in [0, 1].
     """
 
     def __init__(
@@ -130,7 +133,7 @@ class StepScheduler(_TargetScheduler):
         data_sparsifier: BaseDataSparsifier,
         schedule_param: str = "sparsity_level",
         step_size: int = 1,
-        gamma: float = 0.5,
+        gamma: float = 2.0,
         initial_value: float | None = None,
         target: Target = None,
         last_epoch: int = -1,
@@ -143,7 +146,6 @@ class StepScheduler(_TargetScheduler):
         self.initial_value = (
             None if initial_value is None else _check_number("initial_value", initial_value)
         )
-        self._capped = target is not None
         super().__init__(data_sparsifier, schedule_param, target, last_epoch, verbose)
 
     def value(self, name: str, epoch: int) -> float:
@@ -158,7 +160,7 @@ class StepScheduler(_TargetScheduler):
                     f"{self.schedule_param!r}; pass initial_value=<number>"
                 )
         value = float(start) * self.gamma ** (max(epoch, 0) // self.step_size)
-        if self._capped:
+        if self.target is not None:
             target = self.target_for(name)
             value = min(value, target) if self.gamma >= 1 else max(value, target)
         elif self.schedule_param == "sparsity_level":

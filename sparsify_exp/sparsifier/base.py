@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparsify_exp.sparsifier.mask import new_mask, to_mask
 from sparsify_exp.sparsifier.mask_bits import pack_mask, unpack_mask
 
 __all__ = [
@@ -38,6 +39,8 @@ EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 SUPPORTED_TYPES = (torch.Tensor, nn.Parameter, *EMBEDDING_TYPES)
 
 _PARAMETRIZED_PREFIX = "parametrizations."
+# attribute names torch's parametrize machinery adds to the container
+_RESERVED_KEYS = frozenset({"parametrizations"})
 _PARAMETRIZED_SUFFIX = ".original"
 
 
@@ -69,6 +72,14 @@ class _MaskParametrization(nn.Module):
         mask = self.mask
         # `where` allocates only the result; `x * mask` would first cast the mask to x's dtype
         return torch.where(mask, x, 0) if mask.dtype == torch.bool else x * mask
+
+
+def _apply_mask_(data: torch.Tensor, mask: torch.Tensor) -> None:
+    """``data`` becomes what the masked view shows, in place and without a temporary."""
+    if mask.dtype == torch.bool:
+        torch.where(mask, data, data.new_zeros(()), out=data)
+    else:
+        data.mul_(mask)
 
 
 def _extract_weight(data: Any) -> torch.Tensor:
@@ -144,32 +155,33 @@ class BaseDataSparsifier(abc.ABC):
         weight = _extract_weight(data)
         initial_mask = config.pop("mask", None)
 
-        old_mask = None
-        if name in self.data_groups:
+        replacing = name in self.data_groups
+        if replacing:
             warnings.warn(
                 f"Replacing existing data {name!r}. - Did you mean a different name?",
                 stacklevel=2,
             )
             local_args = {**self.data_groups[name], **config}
-            if reuse_mask and initial_mask is None:
-                old_mask = self.get_mask(name)
-                if old_mask.shape != weight.shape:
-                    raise DataShapeMismatchError(
-                        f"cannot reuse the mask of {name!r}: it has shape "
-                        f"{tuple(old_mask.shape)} but the new data has shape "
-                        f"{tuple(weight.shape)}; pass reuse_mask=False to start a new mask"
-                    )
-            self._remove(name)
         else:
             local_args = {**copy.deepcopy(self.defaults), **config}
+        # everything is checked before the old entry is touched: a bad call changes nothing
         local_args = self.validate_config(name, local_args)
-
         if initial_mask is not None:
             mask = self._as_mask(name, initial_mask, weight)
-        elif old_mask is not None:
-            mask = old_mask if old_mask.device == weight.device else old_mask.to(weight.device)
+        elif replacing and reuse_mask:
+            mask = self.get_mask(name)
+            if mask.shape != weight.shape:
+                raise DataShapeMismatchError(
+                    f"cannot reuse the mask of {name!r}: it has shape "
+                    f"{tuple(mask.shape)} but the new data has shape "
+                    f"{tuple(weight.shape)}; pass reuse_mask=False to start a new mask"
+                )
+            if mask.device != weight.device:
+                mask = to_mask(mask.to(weight.device))
         else:
-            mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+            mask = new_mask(weight.shape, weight.device)
+        if replacing:
+            self._remove(name)
 
         key = self._key_for(name)
         self._register(key, weight, mask)
@@ -236,9 +248,7 @@ class BaseDataSparsifier(abc.ABC):
                 with torch.no_grad():
                     original = self._container.parametrizations[key].original
                     mask = self.get_mask(name)
-                    original.mul_(
-                        mask.to(original.device) if mask.device != original.device else mask
-                    )
+                    _apply_mask_(original, mask.to(original.device))
             parametrize.remove_parametrizations(self._container, key, leave_parametrized=False)
 
     def prepare(self, model: Any, config: Any) -> None:
@@ -343,6 +353,7 @@ class BaseDataSparsifier(abc.ABC):
             name.isidentifier()
             and not keyword.iskeyword(name)
             and not name.startswith("_")
+            and name not in _RESERVED_KEYS
             and not self._attribute_taken(name)
         ):
             return name
@@ -371,7 +382,7 @@ class BaseDataSparsifier(abc.ABC):
                 f"mask for {name!r} has shape {tuple(mask.shape)}; it must match the data's "
                 f"shape {tuple(weight.shape)}"
             )
-        return mask if mask.dtype == torch.bool else mask != 0
+        return to_mask(mask)
 
     def _register(self, key: str, weight: torch.Tensor, mask: torch.Tensor | None) -> None:
         self._container.register_buffer(key, weight)
@@ -429,9 +440,9 @@ class BaseDataSparsifier(abc.ABC):
         mask = state.get("mask")
         shape = state.pop("mask_shape", None)
         if mask is None:
-            mask = torch.ones(data.shape, dtype=torch.bool, device=data.device)
+            mask = new_mask(data.shape, data.device)
         elif shape is not None:
-            mask = unpack_mask(mask, shape, device=data.device)
+            mask = to_mask(unpack_mask(mask, shape, device=data.device))
         else:
             mask = mask.to_dense() if mask.layout != torch.strided else mask
             mask = self._as_mask(name, mask, data)

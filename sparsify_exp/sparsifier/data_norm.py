@@ -120,7 +120,7 @@ class DataNormSparsifier(BaseDataSparsifier):
 
         data2d = block_ops.as_2d(data)
         rows, cols = block_ops.grid_shape(*data2d.shape, block)
-        num_remove = round(level * rows * cols)
+        num_remove = round(level * (rows * cols))  # as torch: level * num_blocks
         if num_remove == 0 or zeros == 0 or data.numel() == 0:
             mask.fill_(True)
             return

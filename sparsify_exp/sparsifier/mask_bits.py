@@ -51,7 +51,7 @@ def unpack_mask(
             f"{shape}; got dtype {packed.dtype} and shape {tuple(packed.shape)}"
         )
     packed = packed.to(device) if device is not None else packed
-    bits = packed[:, None].bitwise_and(_bit_weights(packed.device)).ne_(0)
+    bits = packed[:, None].bitwise_and(_bit_weights(packed.device)).ne(0)
     return bits.view(-1)[:numel].view(shape)
 
 
