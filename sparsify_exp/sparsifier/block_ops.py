@@ -145,11 +145,16 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     lo_index, hi_index = math.floor(pos - spread), math.ceil(pos + spread)
     lo = sample[lo_index] if lo_index >= 0 else None
     hi = sample[hi_index] if hi_index < m else None
-    below = 0 if lo is None else _count(flat, lambda chunk: chunk < lo)
-    if below < k:
-        inside = _select(flat, lambda chunk: _between(chunk, lo, hi))
-        if below + inside.numel() >= k:
-            return torch.kthvalue(inside, k - below).values
+    # one pass: count what lies below the bracket and keep what lies inside it
+    below, parts = 0, []
+    for i in range(0, n, CHUNK_ELEMENTS):
+        chunk = flat[i : i + CHUNK_ELEMENTS]
+        if lo is not None:
+            below += int(torch.count_nonzero(chunk < lo))
+        parts.append(chunk[_between(chunk, lo, hi)])
+    inside = torch.cat(parts)
+    if below < k <= below + inside.numel():
+        return torch.kthvalue(inside, k - below).values
     # the sample misled us (an adversarial layout): exact, at the cost of more memory
     return torch.kthvalue(flat, k).values
 
@@ -160,23 +165,6 @@ def _between(chunk: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | No
     if hi is None:
         return chunk >= lo
     return (chunk >= lo).logical_and_(chunk <= hi)
-
-
-def _count(flat: torch.Tensor, predicate) -> int:
-    """Entries of ``flat`` where ``predicate`` holds, with chunk-sized temporaries."""
-    return sum(
-        int(torch.count_nonzero(predicate(flat[i : i + CHUNK_ELEMENTS])))
-        for i in range(0, flat.numel(), CHUNK_ELEMENTS)
-    )
-
-
-def _select(flat: torch.Tensor, predicate) -> torch.Tensor:
-    """Entries of ``flat`` where ``predicate`` holds, with chunk-sized temporaries."""
-    parts = []
-    for i in range(0, flat.numel(), CHUNK_ELEMENTS):
-        chunk = flat[i : i + CHUNK_ELEMENTS]
-        parts.append(chunk[predicate(chunk)])
-    return torch.cat(parts)
 
 
 def _take_first_ties(
@@ -192,6 +180,29 @@ def _take_first_ties(
             return
 
 
+_WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _write_blocks_as_words(
+    mask2d: torch.Tensor, keep: torch.Tensor, block: tuple[int, int]
+) -> bool:
+    """Fast path for ``bool`` masks whose block rows are 2, 4 or 8 bytes wide: each block row
+    is written as one integer (``0x0101...`` or 0) instead of a broadcast byte copy."""
+    height, width = mask2d.shape
+    block_h, block_w = block
+    word = _WORD_DTYPES.get(block_w)
+    if word is None or width % block_w or mask2d.dtype != torch.bool or not mask2d.is_contiguous():
+        return False
+    ones = int.from_bytes(b"\x01" * block_w, "little")
+    cols = width // block_w
+    words = mask2d.view(word).view(height // block_h, block_h, cols)
+    for start, stop in _row_chunks(height, width, block_h):
+        target = words[start:stop]
+        target.copy_(keep[start:stop, None, :].expand_as(target))
+        target.mul_(ones)
+    return True
+
+
 def write_block_mask(mask2d: torch.Tensor, keep: torch.Tensor, block: tuple[int, int]) -> None:
     """Sets every entry of ``mask2d`` (H, W) to its block's value in ``keep`` (rows, cols)."""
     height, width = mask2d.shape
@@ -199,7 +210,9 @@ def write_block_mask(mask2d: torch.Tensor, keep: torch.Tensor, block: tuple[int,
     full_h = (height // block_h) * block_h
     full_w = (width // block_w) * block_w
     rows_f, cols_f = full_h // block_h, full_w // block_w
-    if full_h and full_w:
+    if full_h and _write_blocks_as_words(mask2d[:full_h], keep[:rows_f], block):
+        pass
+    elif full_h and full_w:
         mask2d[:full_h, :full_w].view(rows_f, block_h, cols_f, block_w).copy_(
             keep[:rows_f, None, :cols_f, None].expand(rows_f, block_h, cols_f, block_w)
         )
