@@ -32,8 +32,13 @@ def load_split(
     test_size: float = 0.25, split_seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_train, y_train, x_test, y_test)``: digits scaled to [0, 1], stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise ImportError(
+            "the digits example needs scikit-learn: pip install 'sparsify-exp[examples]'"
+        ) from e
 
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
