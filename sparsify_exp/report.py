@@ -36,6 +36,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
 
 __all__ = ["SweepReport", "build_sweep_report", "main", "write_sweep_report"]
 
@@ -555,9 +556,13 @@ def write_sweep_report(
     """
     with tempfile.TemporaryDirectory(prefix="sweep_report_") as tmp:
         report = build_sweep_report(client, parent_run_id, out_dir or tmp)
-        for path in report.files:
-            client.log_artifact(parent_run_id, str(path), artifact_path=ARTIFACT_DIR)
+        _log_report(client, report)
     return report
+
+
+def _log_report(client: mlflow.MlflowClient, report: SweepReport) -> None:
+    for path in report.files:
+        client.log_artifact(report.parent_run_id, str(path), artifact_path=ARTIFACT_DIR)
 
 
 def _sweep_parents(client: mlflow.MlflowClient, experiment_id: str) -> list[Run]:
@@ -609,14 +614,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parents = [r.info.run_id for r in (found if args.all else found[:1])]
     for parent_id in parents:
         out = Path(args.out) / parent_id if args.out and len(parents) > 1 else args.out
-        if args.no_log:
-            report = build_sweep_report(client, parent_id, out)
-        else:
-            report = write_sweep_report(client, parent_id, out)
-        where = out or f"run {parent_id} artifacts {ARTIFACT_DIR}/"
-        print(f"sweep {parent_id}: {len(report.rows)} jobs -> {where}")
-        if report.rows:
-            print((Path(out) / "sweep_report.md").read_text() if out else "")
+        with tempfile.TemporaryDirectory(prefix="sweep_report_") as tmp:
+            try:
+                report = build_sweep_report(client, parent_id, out or tmp)
+            except MlflowException as e:
+                print(f"error: sweep {parent_id}: {e.message}", file=sys.stderr)
+                return 2
+            if not args.no_log:
+                _log_report(client, report)
+            where = out or f"parent run artifacts {ARTIFACT_DIR}/"
+            print(f"sweep {parent_id}: {len(report.rows)} jobs -> {where}")
+            print(Path(out or tmp, "sweep_report.md").read_text())
     return 0
 
 

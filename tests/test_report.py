@@ -254,3 +254,9 @@ def test_cli_rebuilds_report_from_store(sweep, tmp_path, capsys):
     mlflow.MlflowClient(tracking_uri=uri).create_experiment("empty")
     assert rep.main(["--experiment", "empty", "--tracking-uri", uri]) == 2
     assert "no sweep parent run" in capsys.readouterr().err
+    assert rep.main(["--experiment", "sweep", "--parent", "0" * 32, "--tracking-uri", uri]) == 2
+    assert f"error: sweep {'0' * 32}: Run" in capsys.readouterr().err
+    # without --out, the table still comes to the terminal
+    assert rep.main(["--experiment", "sweep", "--tracking-uri", uri, "--parent", parent_id]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("| FINISHED |") == 8 and "parent run artifacts report/" in shown
