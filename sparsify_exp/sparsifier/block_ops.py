@@ -135,9 +135,9 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
-    if n <= (1 << 16):
+    if n <= (1 << 18):
         return torch.kthvalue(flat, k).values
-    sample_size = 1 << 14
+    sample_size = 1 << 16
     sample = torch.sort(flat[:: n // sample_size]).values
     m = sample.numel()
     pos = k / n * m

@@ -135,7 +135,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         out = mask if direct else torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
         out2d = out.view(data2d.shape)
         if zeros == per_block:
-            block_ops.write_block_mask(out2d, ~removed, block)
+            block_ops.write_block_mask(out2d, removed.logical_not_(), block)
         else:
             block_ops.write_in_block_mask(out2d, data2d, removed, block, zeros, self.norm)
         if not direct:
