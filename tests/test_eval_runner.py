@@ -8,7 +8,6 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from conftest import run_cli
 
 from sparsify_exp.runner import run_overrides
 from sparsify_exp.tracking import find_sweep_runs, find_sweeps
@@ -50,8 +49,8 @@ def test_broken_task_callable_fails_the_run_with_its_reason(store):
     assert 0 < run.data.metrics["fidelity/rel_error"] < 1
 
 
-def test_digits_sweep_report_matches_children(store):
-    proc = run_cli(
+def test_digits_sweep_report_matches_children(store, cli):
+    proc = cli(
         [
             "-m",
             "data=digits_mlp",
