@@ -4,4 +4,8 @@ from sparsify_exp import runner
 
 if __name__ == "__main__":
     runner.start_prefetch()
-    runner.main()
+    try:
+        runner.main()
+    except SystemExit as e:
+        runner.fast_exit(e.code)
+    runner.fast_exit(0)

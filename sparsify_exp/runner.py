@@ -10,6 +10,7 @@ experiment by :class:`SweepCallback` before any launcher worker starts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -580,6 +581,7 @@ class _Sweep:
 
 
 _ACTIVE_SWEEP: _Sweep | None = None
+_MULTIRUN_SEEN = False
 
 
 def _job_overrides(config: DictConfig) -> list[list[str]] | None:
@@ -610,6 +612,8 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _MULTIRUN_SEEN
+        _MULTIRUN_SEEN = True
         jobs = _validate_sweep(config)  # SystemExit(2) on a config mistake
         try:
             _start_sweep(config, jobs)
@@ -760,6 +764,30 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.stderr.write(e.report() + "\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+
+
+def fast_exit(code: object = 0) -> None:
+    """Exits like ``sys.exit(code)`` after the atexit handlers, skipping the interpreter's
+    module teardown (about 1.3 s here once torch and MLflow are loaded: it frees nothing a
+    finished process needs). Used by ``python -m sparsify_exp`` for single runs; a sweep exits
+    normally (launcher workers are shut down by the threading machinery that teardown runs).
+    Set ``SPARSIFY_EXP_NO_FAST_EXIT=1`` to always exit normally."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")
+        status = 1
+    if os.environ.get("SPARSIFY_EXP_NO_FAST_EXIT") or _MULTIRUN_SEEN:
+        raise SystemExit(status)
+    import atexit
+
+    atexit._run_exitfuncs()  # logging.shutdown (flushes the job log), MLflow's own hooks
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def main() -> None:
