@@ -538,7 +538,7 @@ def validate(cfg: DictConfig, *, build: bool = True) -> list[str]:
     # ---- sparsifier
     sp_node = c["sparsifier"]
     n_before = len(ck.problems)
-    sp_cls = _check_target(ck, "sparsifier", sp_node)
+    sp_cls = _check_target(ck, "sparsifier", sp_node, supplied=("data_list",))
     sp_schema = _schema_for(sp_node.get("_target_"))
     if sp_schema is not None:
         ck.check_schema("sparsifier", sp_node, sp_schema, allow_extra=True)

@@ -98,7 +98,7 @@ MISTAKES = [
     (
         ["+sparsifier.colour=red"],
         "sparsifier.colour=red: not an argument of DataNormSparsifier "
-        "(allowed: data_list, sparsity_level, sparse_block_shape, zeros_per_block, norm)",
+        "(allowed: sparsity_level, sparse_block_shape, zeros_per_block, norm)",
     ),
     (
         ["sparsifier._target_=sparsify_exp.NoSuchSparsifier"],
