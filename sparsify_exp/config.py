@@ -606,7 +606,21 @@ def validate(cfg: DictConfig, *, build: bool = True) -> list[str]:
         if sp_ok:
             sp = _try_build(ck, "sparsifier", sp_node)
         if sp is not None and sched_ok and isinstance(sched_node, Mapping):
-            _try_build(ck, "schedule.scheduler", sched_node, data_sparsifier=sp)
+            param = sched_node.get("schedule_param", "sparsity_level")
+            in_rules = any(
+                isinstance(r, Mapping) and param in (r.get("config") or {})
+                for r in c["per_name"].get("rules") or []
+            )
+            if param not in (getattr(sp, "defaults", None) or {}) and not in_rules:
+                keys = ", ".join(getattr(sp, "defaults", None) or {}) or "none"
+                ck.add(
+                    "schedule.scheduler.schedule_param",
+                    param,
+                    f"{type(sp).__name__} has no such config key to schedule (its keys: "
+                    f"{keys}); use schedule=once or another sparsifier",
+                )
+            else:
+                _try_build(ck, "schedule.scheduler", sched_node, data_sparsifier=sp)
         for name, enode in ev_ok.items():
             _try_build(ck, f"eval.{name}", enode)
     return ck.problems

@@ -127,6 +127,11 @@ MISTAKES = [
     ),
     (["schedule=step", "schedule.scheduler.gamma=0"], "schedule.scheduler.gamma=0: must be > 0"),
     (["mlflow.log_every=0"], "mlflow.log_every=0: must be >= 1"),
+    (
+        ["sparsifier=first_row", "schedule=linear"],
+        "schedule.scheduler.schedule_param=sparsity_level: FirstRowSparsifier has no such "
+        "config key to schedule (its keys: none); use schedule=once or another sparsifier",
+    ),
     (["mlflow.experiment=''"], "mlflow.experiment='': must not be empty"),
     (["output.progress=fancy"], "output.progress=fancy: must be one of: auto, bar, log, none"),
     (
