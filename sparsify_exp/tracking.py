@@ -286,7 +286,7 @@ def load_masks(path: str | os.PathLike) -> dict[str, Any]:
         if meta.get("format") != MASK_FORMAT:
             raise ValueError(f"{path}: not a {MASK_FORMAT} file (format={meta.get('format')!r})")
         shapes = json.loads(meta["shapes"])
-        # .bool(): unpack_mask of this library version returns 0/1 uint8 despite its docstring
+        # .bool(): a no-op with the current library; kept so older packed files load as bool
         return {name: unpack_mask(f.get_tensor(name), shapes[name]).bool() for name in shapes}
 
 
