@@ -6,22 +6,24 @@ pictures, per-name table -> ``squash_mask()`` -> write the sparsified data -> fi
 
 Every job is one MLflow run; a multirun (``-m``) also gets a parent run, created with the
 experiment by :class:`SweepCallback` before any launcher worker starts.
+
+This module runs one job and holds the entry points; the rest lives beside it (and what is
+public is re-exported here): :mod:`~sparsify_exp.sweep` (the parent run),
+:mod:`~sparsify_exp.run_artifacts` (table, sizes, mask pictures), :mod:`~sparsify_exp.mask_churn`,
+:mod:`~sparsify_exp.job_context`, :mod:`~sparsify_exp.prefetch`, :mod:`~sparsify_exp.process_exit`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import logging
 import math
 import os
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -29,107 +31,30 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from sparsify_exp.config import ConfigError, format_value, validate
+from sparsify_exp.config import ConfigError, validate
+from sparsify_exp.job_context import JobInfo, job_info
+from sparsify_exp.mask_churn import MaskChurn
+from sparsify_exp.prefetch import mlflow_ready, start_prefetch
+from sparsify_exp.process_exit import fast_exit
+from sparsify_exp.run_artifacts import mask_images, storage_sizes, write_table
+from sparsify_exp.sweep import SweepCallback, finish_sweep
+
+__all__ = [
+    "SweepCallback",
+    "compose_config",
+    "fast_exit",
+    "main",
+    "run",
+    "run_overrides",
+    "start_prefetch",
+]
 
 log = logging.getLogger("sparsify_exp.runner")
 
 SUMMARY_KEYS = ("overall", "min", "mean", "max")
-
-
-# --------------------------------------------------------------------------- job context
-
-
-@dataclass
-class JobInfo:
-    """Where this job runs, from Hydra's runtime config (or sensible stand-ins without it)."""
-
-    launch_dir: Path
-    output_dir: Path
-    choices: dict[str, str] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)
-    multirun: bool = False
-    sweep_dir: Path | None = None
-    override_dirname: str = ""
-    log_file: Path | None = None
-
-
-def job_info() -> JobInfo:
-    if not HydraConfig.initialized():
-        launch = Path.cwd()
-        out = Path(tempfile.mkdtemp(prefix="sparsify_exp_job_"))
-        return JobInfo(launch_dir=launch, output_dir=out)
-    hc = HydraConfig.get()
-    launch = Path(hc.runtime.cwd)
-    out_dir = OmegaConf.select(hc, "runtime.output_dir", default=None)
-    output = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="sparsify_exp_job_"))
-    multirun = hc.mode == RunMode.MULTIRUN
-    choices = {
-        k: format_value(v)
-        for k, v in OmegaConf.to_container(hc.runtime.choices).items()  # type: ignore[union-attr]
-        if not k.startswith("hydra/") and k != "hydra"
-    }
-    job_name = OmegaConf.select(hc, "job.name", default=None)
-    log_file = output / f"{job_name}.log" if job_name else None
-    return JobInfo(
-        launch_dir=launch,
-        output_dir=output,
-        choices=choices,
-        overrides=list(hc.overrides.task),
-        multirun=multirun,
-        sweep_dir=_abs(launch, hc.sweep.dir) if multirun else None,
-        override_dirname=str(OmegaConf.select(hc, "job.override_dirname", default="") or ""),
-        log_file=log_file,
-    )
-
-
-def _abs(base: Path, path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else base / p
-
-
-# --------------------------------------------------------------------------- MLflow prefetch
-
-_PREFETCH: threading.Thread | None = None
-_MLFLOW_IMPORTED = threading.Event()
-
-
-def _prefetch() -> None:
-    try:
-        import mlflow
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    except Exception:  # the main thread imports again and reports any real problem
-        pass
-    finally:
-        _MLFLOW_IMPORTED.set()
-    try:  # the mask pictures need these at the end of the run
-        import matplotlib.backends.backend_agg
-        import matplotlib.figure  # noqa: F401
-    except Exception:
-        pass
-
-
-def start_prefetch() -> None:
-    """Imports MLflow (~2 s), then matplotlib, on a thread while Hydra composes, the data is
-    built and the steps run."""
-    global _PREFETCH
-    if _PREFETCH is None and "mlflow.tracking" not in sys.modules:
-        _PREFETCH = threading.Thread(target=_prefetch, name="sparsify-prefetch", daemon=True)
-        _PREFETCH.start()
-
-
-def _mlflow_ready() -> None:
-    """Waits for MLflow's import: two threads importing it at once break its circular imports."""
-    if _PREFETCH is not None:
-        _MLFLOW_IMPORTED.wait()
-
-
-def _prefetch_done() -> None:
-    if _PREFETCH is not None:
-        _PREFETCH.join()
 
 
 # --------------------------------------------------------------------------- the run
@@ -159,7 +84,7 @@ def run(cfg: DictConfig) -> str:
     except Exception as e:
         build_error = e
 
-    _mlflow_ready()
+    mlflow_ready()
     from mlflow.tracking import MlflowClient
 
     from sparsify_exp import tracking as tr
@@ -321,6 +246,7 @@ def _build(cfg: DictConfig, c: dict[str, Any]) -> _Built:
 
 
 def _execute(built: _Built, c: dict[str, Any], job: JobInfo, tracker: Any, artifacts: Path) -> None:
+    """Steps, logs and writes one built job; the artifacts are logged even when it fails."""
     from sparsify_exp import tracking as tr
     from sparsify_exp.data import as_tensor
     from sparsify_exp.evaluation import EvalContext
@@ -372,7 +298,7 @@ def _execute(built: _Built, c: dict[str, Any], job: JobInfo, tracker: Any, artif
         tracker.log_metrics(_hook(evaluators, "on_start", ctx), step=0)
 
         param = getattr(sched, "schedule_param", None)
-        prev: dict[str, torch.Tensor] = {}
+        churn = MaskChurn()
         track_churn = steps > 1
         progress = _Progress(c["output"]["progress"], steps)
         last: dict[str, float] = {}
@@ -396,12 +322,7 @@ def _execute(built: _Built, c: dict[str, Any], job: JobInfo, tracker: Any, artif
                     zeros_total += numels[n] - kept
                     per_name_sparsity[n] = (numels[n] - kept) / max(numels[n], 1)
                     if track_churn:
-                        cur = mask if mask.dtype == torch.bool else mask != 0
-                        if n in prev:
-                            changed += int((cur != prev[n]).count_nonzero())
-                            prev[n].copy_(cur)
-                        else:
-                            prev[n] = cur.clone()
+                        changed += churn.update(n, mask)
                     if n in keyed:
                         metrics[keyed[n]] = per_name_sparsity[n]
                 values = list(per_name_sparsity.values())
@@ -421,21 +342,21 @@ def _execute(built: _Built, c: dict[str, Any], job: JobInfo, tracker: Any, artif
                 last = metrics
         finally:
             progress.close()
-        prev.clear()
+        churn.clear()
         final = steps - 1
         tracker.log_metrics(_hook(evaluators, "on_masked", ctx), step=final)
 
         # ---- the masks: compact file, pictures, table
         tr.save_masks(sp, names, artifacts / "masks" / "final.safetensors")
-        _write_table(artifacts / "per_name.csv", bundle, added, skipped, per_name_sparsity)
-        n_img = _mask_images(
+        write_table(artifacts / "per_name.csv", bundle, added, skipped, per_name_sparsity)
+        n_img = mask_images(
             sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
         )
         kept_counts = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
         sp.squash_mask()
 
         # ---- the sparsified data, in the input's format, and what it costs on disk
-        sizes = _sizes(bundle, added, kept_counts)
+        sizes = storage_sizes(bundle, added, kept_counts)
         if c["output"]["write_data"]:
             data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -467,288 +388,12 @@ def _execute(built: _Built, c: dict[str, Any], job: JobInfo, tracker: Any, artif
 
 
 def _log_artifacts(tracker: Any, artifacts: Path, job: JobInfo) -> None:
+    """Uploads the job's artifacts folder and its log file (also for a failed run)."""
     tracker.flush()
     if artifacts.is_dir() and any(artifacts.iterdir()):
         tracker.log_artifact(artifacts)
     if job.log_file is not None and job.log_file.is_file():
         tracker.log_artifact(job.log_file, "logs")
-
-
-def _kind(obj: Any) -> str:
-    from torch import nn
-
-    if isinstance(obj, nn.EmbeddingBag):
-        return "embedding_bag"
-    if isinstance(obj, nn.Embedding):
-        return "embedding"
-    if isinstance(obj, nn.Parameter):
-        return "parameter"
-    return "tensor"
-
-
-def _write_table(
-    path: Path,
-    bundle: Any,
-    added: Mapping[str, Any],
-    skipped: list[str],
-    sparsity: Mapping[str, float],
-) -> None:
-    from sparsify_exp.data import as_tensor
-
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity"])
-        for name, obj in bundle.named_data.items():
-            t = as_tensor(obj)
-            w.writerow(
-                [
-                    name,
-                    _kind(obj),
-                    "x".join(str(s) for s in t.shape),
-                    t.numel(),
-                    str(t.dtype).removeprefix("torch."),
-                    name in added,
-                    f"{sparsity.get(name, 0.0):.6f}",
-                ]
-            )
-
-
-def _sizes(bundle: Any, added: Mapping[str, Any], kept: Mapping[str, int]) -> dict[str, float]:
-    """Bytes of every written tensor stored dense, and stored compactly: each sparsified tensor
-    as a 1-bit-per-entry mask plus its kept values (the bitmask encoding), or dense where that
-    is smaller (nearly dense data). See docs/runner.md."""
-    from sparsify_exp.data import as_tensor
-    from sparsify_exp.sparsifier.mask_bits import packed_nbytes
-
-    dense = sum(t.numel() * t.element_size() for t in bundle.tensors().values())
-    saved = 0
-    for name, obj in added.items():
-        t = as_tensor(obj)
-        encoded = packed_nbytes(t.numel()) + kept[name] * t.element_size()
-        saved += max(t.numel() * t.element_size() - encoded, 0)
-    return {"size/dense_bytes": float(dense), "size/compressed_bytes": float(dense - saved)}
-
-
-def _mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int) -> int:
-    """A PNG per 2-D mask (at most ``limit``): fraction kept, block-averaged when large."""
-    two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
-    if not two_d:
-        return 0
-    _prefetch_done()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from sparsify_exp import tracking as tr
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name in two_d:
-        mask = sp.get_mask(name)
-        rows, cols = mask.shape
-        h, w = min(rows, max_side), min(cols, max_side)
-        img = torch.nn.functional.adaptive_avg_pool2d(mask.float()[None, None], (h, w))[0, 0]
-        sparsity = 1.0 - float(mask.count_nonzero()) / max(mask.numel(), 1)
-        fig = Figure(figsize=(6.4, 4.8), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        im = ax.imshow(
-            img.numpy(),
-            cmap="gray",
-            vmin=0.0,
-            vmax=1.0,
-            aspect="auto",
-            interpolation="nearest",
-            extent=(0, cols, rows, 0),
-        )
-        note = "" if (h, w) == (rows, cols) else f" (block-averaged to {h}x{w})"
-        ax.set_title(f"{name}  {rows}x{cols}  sparsity {sparsity:.1%}{note}", fontsize=9)
-        ax.set_xlabel("column")
-        ax.set_ylabel("row")
-        fig.colorbar(im, ax=ax, label="fraction kept (white = kept, black = zeroed)")
-        fig.tight_layout()
-        fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
-    return len(two_d)
-
-
-# --------------------------------------------------------------------------- sweeps
-
-
-@dataclass
-class _Sweep:
-    uri: str
-    run_id: str
-    expected_jobs: int | None
-    prev_env: str | None
-
-
-_ACTIVE_SWEEP: _Sweep | None = None
-_MULTIRUN_SEEN = False
-
-
-def _job_overrides(config: DictConfig) -> list[list[str]] | None:
-    """The override list of every job a BasicSweeper would launch (None: another sweeper)."""
-    sweeper = OmegaConf.select(config, "hydra.sweeper._target_", default="")
-    if not str(sweeper).endswith("basic_sweeper.BasicSweeper"):
-        return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    args = list(config.hydra.overrides.task)
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    args = [f"{k}={v}" for k, v in params.items()] + args
-    parsed = OverridesParser.create().parse_overrides(args)
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [list(job) for batch in batches for job in batch]
-
-
-class SweepCallback(Callback):
-    """Validates every job of a sweep before any starts, and owns the sweep's parent run.
-
-    ``on_multirun_start``: composes and validates each job (a config mistake stops the sweep
-    with the full list, exit code 2); creates the experiment and the parent run (tag
-    ``sparsify.sweep=true``) so that parallel workers neither race to create them nor migrate
-    the sqlite schema at once; exports the parent id to the workers.
-    ``on_multirun_end``: marks the parent FINISHED (FAILED if a job failed) and calls
-    ``sparsify_exp.report.write_sweep_report(client, parent_run_id)`` when it exists.
-    """
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _MULTIRUN_SEEN
-        _MULTIRUN_SEEN = True
-        jobs = _validate_sweep(config)  # SystemExit(2) on a config mistake
-        try:
-            _start_sweep(config, jobs)
-        except Exception as e:  # Hydra would downgrade it to a warning: say what it means
-            log.error(
-                "could not create the sweep's parent run (%s: %s); jobs log without a parent",
-                type(e).__name__,
-                e,
-            )
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        finish_sweep()
-
-
-def _start_sweep(config: DictConfig, jobs: list[list[str]] | None) -> None:
-    global _ACTIVE_SWEEP
-    _mlflow_ready()
-    from mlflow.tracking import MlflowClient
-
-    from sparsify_exp import tracking as tr
-
-    launch = Path(config.hydra.runtime.cwd)
-    uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
-    sweep_dir = str(_abs(launch, config.hydra.sweep.dir))
-    overrides = " ".join(config.hydra.overrides.task)
-    choices = {
-        f"sparsify.choice.{k}": format_value(v)
-        for k, v in OmegaConf.to_container(config.hydra.runtime.choices).items()  # type: ignore[union-attr]
-        if not k.startswith("hydra/") and k != "hydra"
-    }
-    tags = {
-        **choices,
-        "mlflow.runName": f"sweep: {overrides}" if overrides else None,
-        "sparsify.overrides": overrides,
-        "sparsify.jobs": str(len(jobs)) if jobs is not None else "unknown",
-        "sparsify.launcher": str(
-            OmegaConf.select(config, "hydra.launcher._target_", default="")
-        ).rsplit(".", 1)[-1],
-        **tr.git_info(Path(__file__).resolve().parent),
-        **{str(k): str(v) for k, v in (config.mlflow.get("tags") or {}).items()},
-    }
-    run_id = tr.start_sweep_run(
-        client, exp_id, sweep_dir, {k: v for k, v in tags.items() if v is not None}
-    )
-    prev = os.environ.get(tr.PARENT_ENV)
-    os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
-    _ACTIVE_SWEEP = _Sweep(uri, run_id, len(jobs) if jobs is not None else None, prev)
-    log.info(
-        "sweep parent run %s: %s jobs (experiment %r, %s)",
-        run_id,
-        tags["sparsify.jobs"],
-        config.mlflow.experiment,
-        uri,
-    )
-
-
-def _validate_sweep(config: DictConfig) -> list[list[str]] | None:
-    from hydra import compose
-
-    try:
-        jobs = _job_overrides(config)
-    except Exception as e:  # Hydra reports bad override syntax itself, later
-        log.debug("could not expand the sweep: %s", e)
-        return None
-    problems: list[str] = []
-    config_name = OmegaConf.select(config, "hydra.job.config_name", default=None) or "config"
-    for overrides in jobs or [list(config.hydra.overrides.task)]:
-        try:
-            job_cfg = compose(config_name=config_name, overrides=overrides)
-        except Exception as e:
-            line = f"{' '.join(overrides)}: {str(e).splitlines()[0]}"
-            if line not in problems:
-                problems.append(line)
-            continue
-        for p in validate(job_cfg):
-            if p not in problems:
-                problems.append(p)
-    if problems:
-        sys.stderr.write(ConfigError(problems).report() + "\n")
-        sys.stderr.flush()
-        raise SystemExit(2)  # not an Exception: Hydra would turn that into a warning
-    return jobs
-
-
-def finish_sweep(aborted: BaseException | None = None) -> None:
-    """Closes the active sweep's parent run and writes its report (idempotent)."""
-    global _ACTIVE_SWEEP
-    sweep, _ACTIVE_SWEEP = _ACTIVE_SWEEP, None
-    if sweep is None:
-        return
-    _mlflow_ready()
-    from mlflow.tracking import MlflowClient
-
-    from sparsify_exp import tracking as tr
-
-    if sweep.prev_env is None:
-        os.environ.pop(tr.PARENT_ENV, None)
-    else:
-        os.environ[tr.PARENT_ENV] = sweep.prev_env
-    client = MlflowClient(tracking_uri=sweep.uri)
-    try:
-        _, children = tr.find_sweep_runs(client, sweep.run_id)
-        statuses = [r.info.status for r in children]
-        failed = sum(s != "FINISHED" for s in statuses)
-        client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(statuses) - failed))
-        client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
-        try:
-            from sparsify_exp.report import write_sweep_report
-        except ImportError as e:
-            log.warning("no sweep report: sparsify_exp.report.write_sweep_report missing (%s)", e)
-        else:
-            try:
-                write_sweep_report(client, sweep.run_id)
-                log.info("sweep report logged to parent run %s", sweep.run_id)
-            except Exception as e:
-                log.warning(
-                    "sweep report for parent run %s failed: %s: %s",
-                    sweep.run_id,
-                    type(e).__name__,
-                    e,
-                )
-        if aborted is not None or failed:
-            reason = (
-                f"{failed} of {len(statuses)} jobs did not finish"
-                if failed
-                else f"sweep aborted: {type(aborted).__name__}: {aborted}"
-            )
-            client.set_tag(sweep.run_id, tr.FAILURE_TAG, reason)
-            client.set_terminated(sweep.run_id, "FAILED")
-        else:
-            client.set_terminated(sweep.run_id, "FINISHED")
-    except Exception as e:
-        log.warning("could not close sweep parent run %s: %s", sweep.run_id, e)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -766,30 +411,6 @@ def _hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(2) from None
 
 
-def fast_exit(code: object = 0) -> None:
-    """Exits like ``sys.exit(code)`` after the atexit handlers, skipping the interpreter's
-    module teardown (about 1.3 s here once torch and MLflow are loaded: it frees nothing a
-    finished process needs). Used by ``python -m sparsify_exp`` for single runs; a sweep exits
-    normally (launcher workers are shut down by the threading machinery that teardown runs).
-    Set ``SPARSIFY_EXP_NO_FAST_EXIT=1`` to always exit normally."""
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:
-        sys.stderr.write(f"{code}\n")
-        status = 1
-    if os.environ.get("SPARSIFY_EXP_NO_FAST_EXIT") or _MULTIRUN_SEEN:
-        raise SystemExit(status)
-    import atexit
-
-    atexit._run_exitfuncs()  # logging.shutdown (flushes the job log), MLflow's own hooks
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
-
-
 def main() -> None:
     """``python -m sparsify_exp``: Hydra's command line."""
     aborted: BaseException | None = None
@@ -799,8 +420,7 @@ def main() -> None:
         aborted = e
         raise
     finally:
-        if _ACTIVE_SWEEP is not None:  # on_multirun_end is skipped when a job raised
-            finish_sweep(aborted)
+        finish_sweep(aborted)  # on_multirun_end is skipped when a job raised; else a no-op
 
 
 def compose_config(overrides: list[str] | None = None, *, hydra_config: bool = False) -> DictConfig:

@@ -1,0 +1,161 @@
+"""What a run writes besides its metrics: the per-name table, the storage sizes, and a picture
+of each 2-D mask."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsify_exp.prefetch import prefetch_done
+
+# Entries a block-average reads at a time: the transient memory stays near this many bytes
+# (a bool copy of the chunk) however large the mask is.
+_CHUNK_ENTRIES = 1 << 18
+
+
+def data_kind(obj: Any) -> str:
+    """The ``kind`` column of the per-name table."""
+    from torch import nn
+
+    if isinstance(obj, nn.EmbeddingBag):
+        return "embedding_bag"
+    if isinstance(obj, nn.Embedding):
+        return "embedding"
+    if isinstance(obj, nn.Parameter):
+        return "parameter"
+    return "tensor"
+
+
+def write_table(
+    path: Path,
+    bundle: Any,
+    added: Mapping[str, Any],
+    skipped: list[str],
+    sparsity: Mapping[str, float],
+) -> None:
+    """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity."""
+    from sparsify_exp.data import as_tensor
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity"])
+        for name, obj in bundle.named_data.items():
+            t = as_tensor(obj)
+            w.writerow(
+                [
+                    name,
+                    data_kind(obj),
+                    "x".join(str(s) for s in t.shape),
+                    t.numel(),
+                    str(t.dtype).removeprefix("torch."),
+                    name in added,
+                    f"{sparsity.get(name, 0.0):.6f}",
+                ]
+            )
+
+
+def storage_sizes(
+    bundle: Any, added: Mapping[str, Any], kept: Mapping[str, int]
+) -> dict[str, float]:
+    """Bytes of every written tensor stored dense, and stored compactly: each sparsified tensor
+    as a 1-bit-per-entry mask plus its kept values (the bitmask encoding), or dense where that
+    is smaller (nearly dense data). See docs/runner.md."""
+    from sparsify_exp.data import as_tensor
+    from sparsify_exp.sparsifier.mask_bits import packed_nbytes
+
+    dense = sum(t.numel() * t.element_size() for t in bundle.tensors().values())
+    saved = 0
+    for name, obj in added.items():
+        t = as_tensor(obj)
+        encoded = packed_nbytes(t.numel()) + kept[name] * t.element_size()
+        saved += max(t.numel() * t.element_size() - encoded, 0)
+    return {"size/dense_bytes": float(dense), "size/compressed_bytes": float(dense - saved)}
+
+
+def block_factors(rows: int, cols: int, max_side: int) -> tuple[int, int]:
+    """Rows and columns per block so that a ``rows x cols`` mask fits ``max_side`` a side."""
+    return max(1, math.ceil(rows / max_side)), max(1, math.ceil(cols / max_side))
+
+
+def block_average(
+    mask: torch.Tensor, max_side: int, *, chunk_entries: int = _CHUNK_ENTRIES
+) -> torch.Tensor:
+    """The fraction kept (nonzero) in each ``fh x fw`` block of a 2-D ``mask``, as a float32
+    image on the CPU at most ``max_side`` a side.
+
+    ``fh = ceil(rows / max_side)``, ``fw = ceil(cols / max_side)``; the blocks of the last row
+    band and column group may be partial and are averaged over the entries they have. The mask
+    is read ``chunk_entries`` at a time, so a mask of billions of entries needs no float copy
+    (``adaptive_avg_pool2d`` would take 4 bytes an entry).
+    """
+    rows, cols = mask.shape
+    fh, fw = block_factors(rows, cols, max_side)
+    h, w = math.ceil(rows / fh), math.ceil(cols / fw)
+    full_cols = (cols // fw) * fw  # columns in whole fw-wide blocks; the rest is one partial block
+    cols_per_chunk = fw * max(1, chunk_entries // fw)
+    rows_per_chunk = max(1, chunk_entries // min(cols_per_chunk, max(cols, 1)))
+    widths = torch.full((w,), float(fw), dtype=torch.float64)
+    if full_cols < cols:
+        widths[-1] = float(cols - full_cols)
+    image = torch.empty(h, w, dtype=torch.float32)
+    for i in range(h):
+        r0, r1 = i * fh, min((i + 1) * fh, rows)
+        kept = torch.zeros(w, dtype=torch.int64, device=mask.device)
+        for r in range(r0, r1, rows_per_chunk):
+            band = mask[r : min(r + rows_per_chunk, r1)]
+            for c in range(0, full_cols, cols_per_chunk):
+                piece = band[:, c : min(c + cols_per_chunk, full_cols)]
+                blocks = piece.reshape(piece.shape[0], -1, fw)
+                kept[c // fw : c // fw + blocks.shape[1]] += torch.count_nonzero(blocks, dim=(0, 2))
+            if full_cols < cols:
+                kept[-1] += torch.count_nonzero(band[:, full_cols:])
+        image[i] = (kept.cpu().double() / (widths * (r1 - r0))).float()
+    return image
+
+
+def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int) -> int:
+    """A PNG per 2-D mask (at most ``limit``): fraction kept, block-averaged when large."""
+    two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
+    if not two_d:
+        return 0
+    prefetch_done()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sparsify_exp import tracking as tr
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in two_d:
+        mask = sp.get_mask(name)
+        rows, cols = mask.shape
+        img = block_average(mask, max_side)
+        h, w = img.shape
+        fh, fw = block_factors(rows, cols, max_side)
+        sparsity = 1.0 - float(mask.count_nonzero()) / max(mask.numel(), 1)
+        fig = Figure(figsize=(6.4, 4.8), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        im = ax.imshow(
+            img.numpy(),
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
+            aspect="auto",
+            interpolation="nearest",
+            extent=(0, w * fw, h * fh, 0),  # a partial edge block is drawn at its true size
+        )
+        ax.set_xlim(0, cols)
+        ax.set_ylim(rows, 0)
+        note = "" if (h, w) == (rows, cols) else f" (block-averaged to {h}x{w})"
+        ax.set_title(f"{name}  {rows}x{cols}  sparsity {sparsity:.1%}{note}", fontsize=9)
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+        fig.colorbar(im, ax=ax, label="fraction kept (white = kept, black = zeroed)")
+        fig.tight_layout()
+        fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
+    return len(two_d)
