@@ -22,19 +22,26 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Packs a mask (any dtype; nonzero = kept) into a flat ``uint8`` tensor, 8 entries a byte.
 
     Entry ``i`` of the flattened mask is bit ``i % 8`` (least significant first) of byte ``i // 8``.
+    A contiguous ``bool`` mask is read in place: only the packed result is allocated.
     """
     flat = mask.reshape(-1)
     if flat.dtype != torch.bool:
         flat = flat != 0
     numel = flat.numel()
-    pad = (-numel) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, 8).view(torch.uint8)
-    packed = torch.zeros(groups.shape[0], dtype=torch.uint8, device=mask.device)
-    for bit, weight in enumerate(_BIT_WEIGHTS):
-        packed.add_(groups[:, bit] * weight)
+    whole = numel - numel % 8
+    packed = torch.zeros(packed_nbytes(numel), dtype=torch.uint8, device=mask.device)
+    _pack_into(packed[: whole // 8], flat[:whole].view(-1, 8))
+    if whole < numel:  # the last, partial byte
+        tail = torch.zeros(8, dtype=torch.bool, device=mask.device)
+        tail[: numel - whole] = flat[whole:]
+        _pack_into(packed[whole // 8 :], tail.view(1, 8))
     return packed
+
+
+def _pack_into(out: torch.Tensor, groups: torch.Tensor) -> None:
+    groups = groups.view(torch.uint8)
+    for bit, weight in enumerate(_BIT_WEIGHTS):
+        out.add_(groups[:, bit] * weight)
 
 
 def unpack_mask(
