@@ -11,9 +11,12 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch.nn import functional as F
 
 # elements of the data processed per chunk: bounds temporaries to a few MB
 CHUNK_ELEMENTS = 1 << 20
+# below this many elements a step is dominated by per-op overhead: use the fewest ops
+SMALL_ELEMENTS = 1 << 16
 
 
 def as_2d(data: torch.Tensor) -> torch.Tensor:
@@ -97,6 +100,10 @@ def block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> tor
     """
     height, width = data2d.shape
     block_h, block_w = block
+    if data2d.numel() <= SMALL_ELEMENTS:
+        # one op for small data (per-op overhead dominates there): the reference's arithmetic
+        values = _magnitude(data2d, norm)[None, None]
+        return F.avg_pool2d(values, block, block, ceil_mode=True)[0, 0]
     rows, cols = grid_shape(height, width, block)
     work_dtype = torch.float64 if data2d.dtype == torch.float64 else torch.float32
     scores = torch.empty(rows, cols, dtype=work_dtype, device=data2d.device)
@@ -126,10 +133,10 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = _kth_smallest(flat, k)
-    chosen = flat < threshold
-    missing = k - int(torch.count_nonzero(chosen))
-    if missing > 0:
-        _take_first_ties(flat, chosen, threshold, missing)
+    chosen = flat <= threshold
+    extra = int(torch.count_nonzero(chosen)) - k
+    if extra > 0:  # ties at the threshold: keep the first ones by position
+        _drop_last_ties(flat, chosen, threshold, extra)
     return chosen.view(scores.shape)
 
 
@@ -167,17 +174,17 @@ def _between(chunk: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | No
     return (chunk >= lo).logical_and_(chunk <= hi)
 
 
-def _take_first_ties(
-    flat: torch.Tensor, chosen: torch.Tensor, threshold: torch.Tensor, missing: int
+def _drop_last_ties(
+    flat: torch.Tensor, chosen: torch.Tensor, threshold: torch.Tensor, extra: int
 ) -> None:
-    step = CHUNK_ELEMENTS
-    for start in range(0, flat.numel(), step):
-        ties = (flat[start : start + step] == threshold).nonzero().squeeze(1)
-        take = ties[:missing]
-        chosen[start + take] = True
-        missing -= take.numel()
-        if missing <= 0:
-            return
+    stop = flat.numel()
+    while extra > 0 and stop > 0:
+        start = max(0, stop - CHUNK_ELEMENTS)
+        ties = (flat[start:stop] == threshold).nonzero().squeeze(1)
+        drop = ties[max(0, ties.numel() - extra) :]
+        chosen[start + drop] = False
+        extra -= drop.numel()
+        stop = start
 
 
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -210,7 +217,11 @@ def write_block_mask(mask2d: torch.Tensor, keep: torch.Tensor, block: tuple[int,
     full_h = (height // block_h) * block_h
     full_w = (width // block_w) * block_w
     rows_f, cols_f = full_h // block_h, full_w // block_w
-    if full_h and _write_blocks_as_words(mask2d[:full_h], keep[:rows_f], block):
+    if (
+        mask2d.numel() > SMALL_ELEMENTS
+        and full_h
+        and _write_blocks_as_words(mask2d[:full_h], keep[:rows_f], block)
+    ):
         pass
     elif full_h and full_w:
         mask2d[:full_h, :full_w].view(rows_f, block_h, cols_f, block_w).copy_(
