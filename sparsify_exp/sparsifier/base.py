@@ -128,6 +128,7 @@ class BaseDataSparsifier(abc.ABC):
         self.enable_mask_update = True
         self._container = _Container()
         self._keys: dict[str, str] = {}  # data name -> attribute name in the container
+        self._live: dict[str, torch.Tensor] = {}  # data name -> data, while not squashed
         if data_list is not None:
             for name, data in data_list:
                 self.add_data(name, data)
@@ -186,6 +187,7 @@ class BaseDataSparsifier(abc.ABC):
         key = self._key_for(name)
         self._register(key, weight, mask)
         self._keys[name] = key
+        self._live[name] = weight
         self.state[name]["mask"] = mask
         self.data_groups[name] = local_args
         return weight
@@ -194,12 +196,12 @@ class BaseDataSparsifier(abc.ABC):
         """The data itself (``return_original=True``) or its masked view (``False``)."""
         key = self._key(name)
         if return_original:
-            if not parametrize.is_parametrized(self._container, key):
+            if name not in self._live:
                 raise ValueError(
                     f"the mask of {name!r} was squashed, so its original data is gone; "
                     "use get_data(name, return_original=False) for the squashed data"
                 )
-            return self._container.parametrizations[key].original
+            return self._live[name]
         return getattr(self._container, key)
 
     def get_mask(self, name: str) -> torch.Tensor:
@@ -209,20 +211,20 @@ class BaseDataSparsifier(abc.ABC):
         return self.state[name]["mask"]
 
     def is_squashed(self, name: str) -> bool:
-        return not parametrize.is_parametrized(self._container, self._key(name))
+        self._key(name)
+        return name not in self._live
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> None:
         """Calls ``update_mask(name, data, **config)`` for every name not yet squashed."""
         if not self.enable_mask_update:
             return
-        container = self._container
+        live = self._live
         with torch.no_grad():
             for name, config in self.data_groups.items():
-                key = self._keys[name]
-                if not parametrize.is_parametrized(container, key):
-                    continue
-                self.update_mask(name, container.parametrizations[key].original, **config)
+                data = live.get(name)
+                if data is not None:
+                    self.update_mask(name, data, **config)
 
     def squash_mask(
         self,
@@ -241,15 +243,15 @@ class BaseDataSparsifier(abc.ABC):
         for name in names:
             self._key(name)  # a clear error for an unknown name before anything changes
         for name in names:
-            key = self._keys[name]
-            if not parametrize.is_parametrized(self._container, key):
+            original = self._live.pop(name, None)
+            if original is None:
                 continue
             if leave_parametrized:
                 with torch.no_grad():
-                    original = self._container.parametrizations[key].original
-                    mask = self.get_mask(name)
-                    _apply_mask_(original, mask.to(original.device))
-            parametrize.remove_parametrizations(self._container, key, leave_parametrized=False)
+                    _apply_mask_(original, self.get_mask(name).to(original.device))
+            parametrize.remove_parametrizations(
+                self._container, self._keys[name], leave_parametrized=False
+            )
 
     def prepare(self, model: Any, config: Any) -> None:
         raise NotImplementedError("a data sparsifier has no model to prepare; use add_data")
@@ -306,7 +308,7 @@ class BaseDataSparsifier(abc.ABC):
         state = {
             key: value
             for key, value in self.__dict__.items()
-            if key not in ("_container", "_keys", "state")
+            if key not in ("_container", "_keys", "_live", "state")
             # the counter a scheduler wraps around `step` is a closure: it cannot be pickled
             and not (key == "step" and getattr(value, "_with_counter", False))
         }
@@ -394,6 +396,7 @@ class BaseDataSparsifier(abc.ABC):
     def _remove(self, name: str) -> None:
         """Forgets ``name`` without touching its data."""
         key = self._keys.pop(name)
+        self._live.pop(name, None)
         if parametrize.is_parametrized(self._container, key):
             parametrize.remove_parametrizations(self._container, key, leave_parametrized=False)
         delattr(self._container, key)
@@ -403,6 +406,7 @@ class BaseDataSparsifier(abc.ABC):
     def _reset(self) -> None:
         self._container = _Container()
         self._keys = {}
+        self._live = {}
         self.state = defaultdict(dict)
         self.data_groups = {}
 
@@ -420,8 +424,8 @@ class BaseDataSparsifier(abc.ABC):
     def _container_data(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, key in self._keys.items():
-            if parametrize.is_parametrized(self._container, key):
-                tensor = self._container.parametrizations[key].original
+            if name in self._live:
+                tensor = self._live[name]
                 out[f"{_PARAMETRIZED_PREFIX}{name}{_PARAMETRIZED_SUFFIX}"] = tensor.detach()
             else:
                 out[name] = getattr(self._container, key).detach()
@@ -449,6 +453,8 @@ class BaseDataSparsifier(abc.ABC):
         key = self._key_for(name)
         self._register(key, data, mask if parametrized else None)
         self._keys[name] = key
+        if parametrized:
+            self._live[name] = data
         state["mask"] = mask
         self.state[name] = state
         self.data_groups[name] = config
