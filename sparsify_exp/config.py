@@ -781,17 +781,10 @@ def _check_data(ck: _Checker, data: Mapping) -> None:
                     f"{', ...' if len(names) > 10 else ''})",
                 )
     elif target == "sparsify_exp.data.tensors.build":
-        specs = data.get("tensors") or []
-        names = [s.get("name") for s in specs if isinstance(s, Mapping)]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            ck.add("data.tensors", [str(d) for d in dup], "names must be unique")
+        _check_unique_names(ck, "data.tensors", data.get("tensors") or [])
     elif target == "sparsify_exp.data.embeddings.build":
         specs = data.get("tables") or []
-        names = [s.get("name") for s in specs if isinstance(s, Mapping)]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            ck.add("data.tables", [str(d) for d in dup], "names must be unique")
+        _check_unique_names(ck, "data.tables", specs)
         for i, s in enumerate(specs):
             if isinstance(s, Mapping) and s.get("kind") == "embedding" and s.get("mode"):
                 ck.add(f"data.tables[{i}].mode", s["mode"], "only an embedding_bag has a mode")
@@ -801,3 +794,10 @@ def _check_data(ck: _Checker, data: Mapping) -> None:
             ck.add("data.module", module, "must be a mapping with _target_ (an nn.Module)")
         else:
             _check_target(ck, "data.module", module)
+
+
+def _check_unique_names(ck: _Checker, key: str, specs: list) -> None:
+    names = [spec.get("name") for spec in specs if isinstance(spec, Mapping)]
+    duplicates = sorted({str(n) for n in names if names.count(n) > 1})
+    if duplicates:
+        ck.add(key, duplicates, "names must be unique")
