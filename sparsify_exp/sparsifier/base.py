@@ -253,6 +253,15 @@ class BaseDataSparsifier(abc.ABC):
                 self._container, self._keys[name], leave_parametrized=False
             )
 
+    def _extract_weight(self, data: Any) -> torch.Tensor:
+        """The tensor a data stands for (an embedding's ``weight``), as torch's reference has it."""
+        return _extract_weight(data)
+
+    def _delete_data(self, name: str) -> None:
+        """Forgets ``name`` without applying its mask (torch's reference name for it)."""
+        self._key(name)
+        self._remove(name)
+
     def prepare(self, model: Any, config: Any) -> None:
         raise NotImplementedError("a data sparsifier has no model to prepare; use add_data")
 
