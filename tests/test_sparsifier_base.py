@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import re
 import warnings
@@ -329,6 +330,24 @@ def test_in_place_idiom_multiply_by_float_mask():
     expected = original.clone()
     expected[2] = 0
     assert torch.equal(sp.get_data("t", return_original=False), expected)
+
+
+def test_float_mask_idioms_of_torchs_reference_work_on_the_bool_mask():
+    # code written for the reference's fp32 masks: mean(), 1.0 - mask, torch.save + load
+    sp = FirstRowSparsifier()
+    sp.add_data("t", torch.randn(4, 5))
+    sp.step()
+    mask = sp.get_mask("t")
+    assert mask.dtype == torch.bool
+    assert mask.mean().item() == pytest.approx(0.75)
+    assert (1.0 - mask.mean()).item() == pytest.approx(0.25)
+    assert torch.equal(1.0 - mask, (~mask).float())
+    assert torch.equal(mask.mean(0), torch.tensor([0.75] * 5))
+    buffer = io.BytesIO()
+    torch.save(mask, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only: a plain bool tensor
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, mask)
 
 
 def test_in_place_idiom_assign_data():

@@ -1,9 +1,11 @@
 """The mask tensor: ``bool`` (1 byte an entry) that still takes the idioms of float masks.
 
 torch's reference keeps fp32 masks, so code written for it does ``mask *= other`` with a
-float ``other``; on a plain ``bool`` tensor that raises. :class:`Mask` is a ``bool`` tensor
-whose in-place multiply treats any nonzero factor as "keep". Every other operation is plain
-torch (no ``__torch_function__`` override), and pickling or saving a mask gives a plain tensor.
+float ``other``, ``mask.mean()`` or ``1.0 - mask``; on a plain ``bool`` tensor each raises.
+:class:`Mask` is a ``bool`` tensor whose in-place multiply treats any nonzero factor as
+"keep", whose ``mean`` is the fraction kept and whose subtraction computes in the default
+float dtype. Every other operation is plain torch (no ``__torch_function__`` override), and
+pickling or saving a mask gives a plain tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ class Mask(torch.Tensor):
 
     def mul_(self, other: Any) -> Mask:  # type: ignore[override]
         return super().mul_(_as_keep(self, other))
+
+    def mean(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        if self.dtype == torch.bool and kwargs.get("dtype") is None:
+            kwargs["dtype"] = torch.get_default_dtype()
+        return super().mean(*args, **kwargs)
+
+    def __sub__(self, other: Any) -> torch.Tensor:
+        return self._as_float() - other
+
+    def __rsub__(self, other: Any) -> torch.Tensor:
+        return other - self._as_float()
+
+    def _as_float(self) -> torch.Tensor:
+        plain = self.as_subclass(torch.Tensor)
+        return plain.to(torch.get_default_dtype()) if plain.dtype == torch.bool else plain
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
