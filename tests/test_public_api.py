@@ -175,3 +175,20 @@ def test_switching_is_one_import():
 
 def test_version():
     assert isinstance(sparsify_exp.__version__, str) and sparsify_exp.__version__
+
+
+def test_a_state_dict_saved_by_torchs_reference_loads_and_keeps_stepping():
+    from torch.ao.pruning._experimental.data_sparsifier import (
+        DataNormSparsifier as TorchDataNorm,
+    )
+
+    torch.manual_seed(0)
+    reference = TorchDataNorm(sparsity_level=0.5)
+    reference.add_data("a", torch.randn(8, 8))
+    reference.step()
+    ours = DataNormSparsifier()
+    ours.load_state_dict(reference.state_dict())  # sparse COO masks, reference's keys
+    assert torch.equal(ours.get_mask("a"), reference.get_mask("a").bool())
+    assert ours.data_groups["a"] == reference.data_groups["a"]
+    ours.step()
+    assert torch.equal(ours.get_mask("a"), reference.get_mask("a").bool())
