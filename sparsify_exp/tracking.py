@@ -252,25 +252,16 @@ def save_masks(sparsifier: Any, names: Iterable[str], path: Path) -> Path:
 
     from safetensors.torch import save_file
 
+    from sparsify_exp.sparsifier.mask_bits import pack_mask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     packed, shapes = {}, {}
     for name in names:
         mask = sparsifier.get_mask(name)
-        packed[name] = pack_bits(mask)
+        packed[name] = pack_mask(mask)
         shapes[name] = list(mask.shape)
     save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
     return path
-
-
-def pack_bits(mask: Any) -> Any:
-    """The bytes of ``sparsify_exp.pack_mask`` (bit ``i % 8`` of byte ``i // 8``, least
-    significant first), computed with ``numpy.packbits`` (~100x faster on large masks)."""
-    import numpy as np
-    import torch
-
-    flat = mask.detach().reshape(-1).cpu()
-    flat = flat if flat.dtype == torch.bool else flat != 0
-    return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, Any]:

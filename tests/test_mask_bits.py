@@ -82,3 +82,17 @@ def test_unpack_to_device():
 def test_unpack_rejects_wrong_input(packed, shape):
     with pytest.raises(ValueError):
         unpack_mask(packed, shape)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (9,), (3, 5), (64, 33), (2, 3, 4)])
+def test_torch_fallback_packs_the_same_bytes_as_numpy(shape, monkeypatch):
+    # the fallback is what runs on CUDA tensors or without numpy
+    import sparsify_exp.sparsifier.mask_bits as mask_bits
+
+    torch.manual_seed(1)
+    mask = torch.rand(shape) > 0.5
+    with_numpy = pack_mask(mask)
+    monkeypatch.setattr(mask_bits, "_numpy", lambda: None)
+    fallback = pack_mask(mask)
+    assert torch.equal(fallback, with_numpy)
+    assert torch.equal(unpack_mask(fallback, shape), mask)

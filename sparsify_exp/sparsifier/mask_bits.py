@@ -24,9 +24,13 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     Entry ``i`` of the flattened mask is bit ``i % 8`` (least significant first) of byte ``i // 8``.
     A contiguous ``bool`` mask is read in place: only the packed result is allocated.
     """
-    flat = mask.reshape(-1)
+    flat = mask.detach().reshape(-1)
     if flat.dtype != torch.bool:
         flat = flat != 0
+    if flat.device.type == "cpu" and _numpy() is not None:
+        # numpy's packbits is ~10x faster than the torch fallback on large CPU masks
+        packed = _numpy().packbits(flat.as_subclass(torch.Tensor).numpy(), bitorder="little")
+        return torch.from_numpy(packed)
     numel = flat.numel()
     whole = numel - numel % 8
     packed = torch.zeros(packed_nbytes(numel), dtype=torch.uint8, device=mask.device)
@@ -42,6 +46,14 @@ def _pack_into(out: torch.Tensor, groups: torch.Tensor) -> None:
     groups = groups.view(torch.uint8)
     for bit, weight in enumerate(_BIT_WEIGHTS):
         out.add_(groups[:, bit] * weight)
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
 
 
 def unpack_mask(
