@@ -29,7 +29,6 @@ log = logging.getLogger("sparsify_exp.runner")
 class _Sweep:
     uri: str
     run_id: str
-    expected_jobs: int | None
     prev_env: str | None
 
 
@@ -113,7 +112,7 @@ def _start_sweep(config: DictConfig, jobs: list[list[str]] | None) -> None:
     )
     prev = os.environ.get(tr.PARENT_ENV)
     os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
-    _ACTIVE_SWEEP = _Sweep(uri, run_id, len(jobs) if jobs is not None else None, prev)
+    _ACTIVE_SWEEP = _Sweep(uri, run_id, prev)
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
         run_id,

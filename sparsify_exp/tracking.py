@@ -147,7 +147,6 @@ class RunTracker:
         """Also flush when this long has passed, so the dashboard follows a long run live."""
         self._metrics: list[Metric] = []
         self._last_flush = time.monotonic()
-        self.metrics_logged = 0
 
     @classmethod
     def start(
@@ -179,7 +178,6 @@ class RunTracker:
         if self._metrics:
             batch, self._metrics = self._metrics, []
             self.client.log_batch(self.run_id, metrics=batch)
-            self.metrics_logged += len(batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -357,7 +355,3 @@ def find_sweeps(client: MlflowClient, experiment_name: str) -> list[Any]:
             order_by=["attributes.start_time DESC"],
         )
     )
-
-
-def child_statuses(runs: Iterable[Any]) -> list[str]:
-    return [r.info.status for r in runs]

@@ -9,16 +9,12 @@ from torch import nn
 
 from sparsify_exp.data import DataBundle
 
-KINDS = ("embedding", "embedding_bag")
-BAG_MODES = ("sum", "mean", "max")
-
 
 def build(tables: Sequence[Mapping], seed: int = 0) -> DataBundle:
     """``tables``: ``[{name, num_embeddings, embedding_dim, kind, mode}, ...]``.
 
-    ``kind`` is ``embedding`` or ``embedding_bag`` (``mode``: sum | mean | max). The tables
-    are registered on a ``ModuleDict``-like container returned as the bundle's ``model`` so an
-    evaluator can look them up by name.
+    ``kind`` is ``embedding`` or ``embedding_bag`` (``mode``: sum | mean | max). The modules
+    themselves are the named data, so evaluators can run them (``embedding_bag``).
     """
     torch.manual_seed(int(seed))
     named: dict[str, nn.Module] = {}
