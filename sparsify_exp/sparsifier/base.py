@@ -38,10 +38,11 @@ __all__ = [
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 SUPPORTED_TYPES = (torch.Tensor, nn.Parameter, *EMBEDDING_TYPES)
 
+# state_dict keys of parametrized data, as torch's reference writes them
 _PARAMETRIZED_PREFIX = "parametrizations."
+_PARAMETRIZED_SUFFIX = ".original"
 # attribute names torch's parametrize machinery adds to the container
 _RESERVED_KEYS = frozenset({"parametrizations"})
-_PARAMETRIZED_SUFFIX = ".original"
 
 
 class UnsupportedDataTypeError(TypeError, AssertionError):
@@ -64,12 +65,12 @@ class _MaskParametrization(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask.shape != x.shape:
+        mask = self.mask
+        if mask.shape != x.shape:
             raise RuntimeError(
-                f"mask shape {tuple(self.mask.shape)} no longer matches data shape "
+                f"mask shape {tuple(mask.shape)} no longer matches data shape "
                 f"{tuple(x.shape)}; a mask must keep its data's shape"
             )
-        mask = self.mask
         # `where` allocates only the result; `x * mask` would first cast the mask to x's dtype
         return torch.where(mask, x, 0) if mask.dtype == torch.bool else x * mask
 
