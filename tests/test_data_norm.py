@@ -39,31 +39,28 @@ def ref_mask(data: torch.Tensor, **kwargs) -> torch.Tensor:
     return (mask != 0).reshape(data.shape)
 
 
+def _per_block(t2d: torch.Tensor, block: tuple[int, int], reduce, dtype) -> torch.Tensor:
+    """``reduce`` of each (possibly partial) block of ``t2d``, one Python loop: an oracle."""
+    height, width = t2d.shape
+    bh, bw = block
+    rows, cols = math.ceil(height / bh), math.ceil(width / bw)
+    out = torch.empty(rows, cols, dtype=dtype)
+    for r in range(rows):
+        for c in range(cols):
+            out[r, c] = reduce(t2d[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw])
+    return out
+
+
 def grid_scores(data: torch.Tensor, block: tuple[int, int], norm: str = "L1") -> torch.Tensor:
     """Float64 mean of |x| (or x**2) over each block's valid entries: an independent oracle."""
     d2 = block_ops.as_2d(data).double()
     values = d2.abs() if norm == "L1" else d2.square()
-    height, width = values.shape
-    bh, bw = block
-    rows, cols = math.ceil(height / bh), math.ceil(width / bw)
-    out = torch.empty(rows, cols, dtype=torch.float64)
-    for r in range(rows):
-        for c in range(cols):
-            out[r, c] = values[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].mean()
-    return out
+    return _per_block(values, block, lambda b: b.mean(), torch.float64)
 
 
 def block_removed(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """(rows, cols) bool: True where every entry of the block is zeroed."""
-    m2 = block_ops.as_2d(mask)
-    height, width = m2.shape
-    bh, bw = block
-    rows, cols = math.ceil(height / bh), math.ceil(width / bw)
-    out = torch.empty(rows, cols, dtype=torch.bool)
-    for r in range(rows):
-        for c in range(cols):
-            out[r, c] = not m2[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].any()
-    return out
+    return _per_block(block_ops.as_2d(mask), block, lambda b: not b.any(), torch.bool)
 
 
 def check_lowest_blocks_removed(data, mask, block, level, norm="L1"):
