@@ -1,8 +1,8 @@
-"""sparsify_exp: data sparsifiers for tensors and embedding tables, and an experiment runner.
-
-Importing the package costs torch alone; the runner (Hydra, MLflow) loads only when run.
+"""sparsify_exp: data sparsifiers for tensors and embedding tables (this package, torch only),
+and an experiment runner in :mod:`sparsify_exp.runner` (Hydra, MLflow), loaded only when run.
 """
 
+from sparsify_exp.masks import load_masks, save_masks
 from sparsify_exp.scheduler import (
     BaseDataScheduler,
     ConstantScheduler,
@@ -27,7 +27,9 @@ __all__ = [
     "FirstRowSparsifier",
     "LinearScheduler",
     "StepScheduler",
+    "load_masks",
     "pack_mask",
+    "save_masks",
     "unpack_mask",
 ]
 

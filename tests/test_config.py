@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 
-from sparsify_exp.config import validate
 from sparsify_exp.runner import compose_config
+from sparsify_exp.runner.config import validate
 
 CONF = Path(__file__).resolve().parents[1] / "sparsify_exp" / "conf"
 GROUPS = ["data", "sparsifier", "schedule", "per_name", "eval"]
@@ -53,7 +53,7 @@ def test_every_option_composes_validates_and_builds(group, option, weights):
     if option == "file":
         overrides.append(f"data.path={weights}")
     if group == "eval" and option == "task":
-        overrides.append("eval.task.fn=sparsify_exp.examples.digits.accuracy")
+        overrides.append("eval.task.fn=sparsify_exp.runner.examples.digits.accuracy")
     if group == "eval" and option in ("task", "digits_accuracy"):
         overrides.append("data=digits_mlp")  # the task example needs its model
     if group == "schedule":

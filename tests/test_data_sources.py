@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsify_exp.data import embeddings, file, model, select_names, tensors
-from sparsify_exp.data.mlp import MLP
+from sparsify_exp.runner.data import embeddings, file, model, select_names, tensors
+from sparsify_exp.runner.data.mlp import MLP
 
 
 def test_tensors_are_named_shaped_typed_and_seeded():
@@ -29,8 +29,8 @@ def test_model_source_selects_parameters_by_pattern():
     assert list(b.named_data) == ["net.0.weight", "net.2.weight"]
     assert all(isinstance(p, nn.Parameter) for p in b.named_data.values())
     assert set(b.tensors()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
-    built = model.build({"_target_": "sparsify_exp.data.mlp.MLP", "sizes": [3, 2]}, seed=1)
-    again = model.build({"_target_": "sparsify_exp.data.mlp.MLP", "sizes": [3, 2]}, seed=1)
+    built = model.build({"_target_": "sparsify_exp.runner.data.mlp.MLP", "sizes": [3, 2]}, seed=1)
+    again = model.build({"_target_": "sparsify_exp.runner.data.mlp.MLP", "sizes": [3, 2]}, seed=1)
     assert torch.equal(built.named_data["net.0.weight"], again.named_data["net.0.weight"])
     with pytest.raises(ValueError, match="select no parameter"):
         model.build(MLP([3, 2]), include=["encoder.*"])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparsify_exp import BaseDataSparsifier, DataNormSparsifier, FirstRowSparsifier
-from sparsify_exp.evaluation import (
+from sparsify_exp.runner.evaluation import (
     EmbeddingBagEvaluator,
     EvalContext,
     Evaluator,
@@ -19,7 +19,7 @@ from sparsify_exp.evaluation import (
     TaskEvaluator,
     resolve_callable,
 )
-from sparsify_exp.evaluation import fidelity as fidelity_mod
+from sparsify_exp.runner.evaluation import fidelity as fidelity_mod
 
 
 class FixedMask(BaseDataSparsifier):
@@ -235,12 +235,12 @@ def test_embedding_bag_rejects_bad_arguments():
 
 
 def _digits_accuracy(level: float, tmp_path: Path) -> dict[str, float]:
-    from sparsify_exp.examples.digits import DigitsMLP
+    from sparsify_exp.runner.examples.digits import DigitsMLP
 
     model = DigitsMLP()
     named = dict(model.named_parameters())
     sp = DataNormSparsifier(sparsity_level=level, sparse_block_shape=(1, 4))
-    ev = TaskEvaluator(fn="sparsify_exp.examples.digits.accuracy")
+    ev = TaskEvaluator(fn="sparsify_exp.runner.examples.digits.accuracy")
     return run_hooks([ev], sp, named, tmp_path, model=model)
 
 
@@ -257,7 +257,7 @@ def test_task_digits_accuracy_falls_with_sparsity(tmp_path):
 
 
 def test_digits_model_is_deterministic_and_cached(tmp_path):
-    from sparsify_exp.examples.digits import DigitsMLP, accuracy
+    from sparsify_exp.runner.examples.digits import DigitsMLP, accuracy
 
     a = DigitsMLP(epochs=30, cache_dir=str(tmp_path))
     assert len(list(tmp_path.glob("digits_mlp_*.pt"))) == 1
@@ -294,16 +294,16 @@ def test_task_rejects_bad_results(tmp_path, fn, error, match):
 
 
 def test_task_resolves_dotted_paths():
-    from sparsify_exp.examples.digits import accuracy
+    from sparsify_exp.runner.examples.digits import accuracy
 
-    assert resolve_callable("sparsify_exp.examples.digits.accuracy") is accuracy
+    assert resolve_callable("sparsify_exp.runner.examples.digits.accuracy") is accuracy
     assert resolve_callable("torch.nn.functional.relu") is torch.nn.functional.relu
     with pytest.raises(ValueError, match="no importable module"):
         resolve_callable("no_such_pkg_xyz.f")
     with pytest.raises(ValueError, match="has no attribute"):
-        resolve_callable("sparsify_exp.examples.digits.nope")
+        resolve_callable("sparsify_exp.runner.examples.digits.nope")
     with pytest.raises(ValueError, match="not a callable"):
-        resolve_callable("sparsify_exp.report.SPARSITY_KEY")
+        resolve_callable("sparsify_exp.runner.tracking.SPARSITY_KEY")
     with pytest.raises(ValueError, match="dotted path"):
         TaskEvaluator(fn="accuracy")
     with pytest.raises(ValueError, match="receives='weights'"):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsify_exp.evaluation import Evaluator
+from sparsify_exp.masks import load_masks
 from sparsify_exp.runner import run_overrides
-from sparsify_exp.tracking import find_sweep_runs, find_sweeps, load_masks
+from sparsify_exp.runner.evaluation import Evaluator
+from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -270,7 +271,7 @@ def test_mask_files_use_the_library_bit_layout(shape, tmp_path):
     from safetensors.torch import load_file
 
     from sparsify_exp import pack_mask
-    from sparsify_exp.tracking import save_masks
+    from sparsify_exp.masks import save_masks
 
     mask = torch.rand(shape) > 0.5
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify_exp.evaluation._util import metric_key, weight_of
-from sparsify_exp.evaluation.base import EvalContext, Evaluator, Metrics
+from sparsify_exp.runner.evaluation._util import metric_key, weight_of
+from sparsify_exp.runner.evaluation.base import EvalContext, Evaluator, Metrics
 
 _MODES = ("sum", "mean", "max")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sparsify_exp.data import DataBundle, select_names
+from sparsify_exp.runner.data import DataBundle, select_names
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")

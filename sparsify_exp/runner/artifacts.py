@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from sparsify_exp.prefetch import prefetch_done
-
 # Entries a block-average reads at a time: the transient memory stays near this many bytes
 # (a bool copy of the chunk) however large the mask is.
 _CHUNK_ENTRIES = 1 << 18
@@ -39,7 +37,7 @@ def write_table(
     sparsity: Mapping[str, float],
 ) -> None:
     """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity."""
-    from sparsify_exp.data import as_tensor
+    from sparsify_exp.runner.data import as_tensor
 
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -65,7 +63,7 @@ def storage_sizes(
     """Bytes of every written tensor stored dense, and stored compactly: each sparsified tensor
     as a 1-bit-per-entry mask plus its kept values (the bitmask encoding), or dense where that
     is smaller (nearly dense data). See docs/runner.md."""
-    from sparsify_exp.data import as_tensor
+    from sparsify_exp.runner.data import as_tensor
     from sparsify_exp.sparsifier.mask_bits import packed_nbytes
 
     dense = sum(t.numel() * t.element_size() for t in bundle.tensors().values())
@@ -123,11 +121,10 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
     two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
     if not two_d:
         return 0
-    prefetch_done()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from sparsify_exp import tracking as tr
+    from sparsify_exp.runner import tracking as tr
 
     out.mkdir(parents=True, exist_ok=True)
     for name in two_d:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from sparsify_exp.data import DataBundle
+from sparsify_exp.runner.data import DataBundle
 
 DTYPES = {
     "float32": torch.float32,

@@ -207,10 +207,10 @@ TARGET_SCHEMAS: dict[str, type] = {
     "sparsify_exp.CubicScheduler": CubicSchema,
     "sparsify_exp.StepScheduler": StepSchema,
     "sparsify_exp.ConstantScheduler": ConstantSchema,
-    "sparsify_exp.data.tensors.build": TensorsSchema,
-    "sparsify_exp.data.embeddings.build": EmbeddingsSchema,
-    "sparsify_exp.data.model.build": ModelSchema,
-    "sparsify_exp.data.file.build": FileSchema,
+    "sparsify_exp.runner.data.tensors.build": TensorsSchema,
+    "sparsify_exp.runner.data.embeddings.build": EmbeddingsSchema,
+    "sparsify_exp.runner.data.model.build": ModelSchema,
+    "sparsify_exp.runner.data.file.build": FileSchema,
 }
 
 #: Hydra's instantiate keys, allowed on any ``_target_`` node.
@@ -755,9 +755,9 @@ def _check_rules(ck: _Checker, rules: list, sp_cls: Any, sp_schema: type | None)
 
 def _check_data(ck: _Checker, data: Mapping) -> None:
     target = data.get("_target_")
-    if target == "sparsify_exp.data.file.build":
-        from sparsify_exp.data import select_names
-        from sparsify_exp.data.file import SUFFIXES, list_names
+    if target == "sparsify_exp.runner.data.file.build":
+        from sparsify_exp.runner.data import select_names
+        from sparsify_exp.runner.data.file import SUFFIXES, list_names
 
         path = Path(os.path.expanduser(str(data["path"])))
         if path.suffix not in SUFFIXES:
@@ -780,15 +780,15 @@ def _check_data(ck: _Checker, data: Mapping) -> None:
                     f"tensor (available: {', '.join(names[:10])}"
                     f"{', ...' if len(names) > 10 else ''})",
                 )
-    elif target == "sparsify_exp.data.tensors.build":
+    elif target == "sparsify_exp.runner.data.tensors.build":
         _check_unique_names(ck, "data.tensors", data.get("tensors") or [])
-    elif target == "sparsify_exp.data.embeddings.build":
+    elif target == "sparsify_exp.runner.data.embeddings.build":
         specs = data.get("tables") or []
         _check_unique_names(ck, "data.tables", specs)
         for i, s in enumerate(specs):
             if isinstance(s, Mapping) and s.get("kind") == "embedding" and s.get("mode"):
                 ck.add(f"data.tables[{i}].mode", s["mode"], "only an embedding_bag has a mode")
-    elif target == "sparsify_exp.data.model.build":
+    elif target == "sparsify_exp.runner.data.model.build":
         module = data.get("module")
         if not isinstance(module, Mapping):
             ck.add("data.module", module, "must be a mapping with _target_ (an nn.Module)")

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from sparsify_exp.mask_churn import MaskChurn, _popcount
+from sparsify_exp.runner.step_metrics import MaskChurn, _popcount
 
 
 def test_popcount_of_every_byte():

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from sparsify_exp.evaluation._util import metric_key
-from sparsify_exp.evaluation.base import EvalContext, Evaluator, Metrics
+from sparsify_exp.runner.evaluation._util import metric_key
+from sparsify_exp.runner.evaluation.base import EvalContext, Evaluator, Metrics
 
 _RECEIVES = ("auto", "model", "data")
 

@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,13 @@ SWEEP_TAG = "sparsify.sweep"
 SWEEP_DIR_TAG = "sparsify.sweep_dir"
 PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "sparsify.failure"
+OVERRIDES_TAG = "sparsify.overrides"
+EVALUATORS_TAG = "sparsify.evaluators"
+CHOICE_TAG_PREFIX = "sparsify.choice."
+
+SPARSITY_KEY = "sparsity/overall"
+DENSE_BYTES_KEY = "size/dense_bytes"
+COMPRESSED_BYTES_KEY = "size/compressed_bytes"
 
 
 def resolve_tracking_uri(configured: str | None, launch_dir: str | os.PathLike) -> str:
@@ -232,51 +239,6 @@ def _param_value(v: Any) -> str:
 def _tag_value(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 8000 else s[:7997] + "..."
-
-
-# --------------------------------------------------------------------------- masks
-
-MASK_FORMAT = "sparsify_exp.packed_mask.v1"
-
-
-def save_masks(sparsifier: Any, names: Iterable[str], path: Path) -> Path:
-    """Masks at 1 bit an entry: a safetensors file of ``pack_mask`` bytes, one a name.
-
-    The header metadata holds ``format`` and ``shapes`` (JSON ``{name: shape}``); read it
-    back with :func:`load_masks`. Bit ``i % 8`` (least significant first) of byte ``i // 8``
-    is entry ``i`` of the flattened mask; 1 = kept.
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    from sparsify_exp.sparsifier.mask_bits import pack_mask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    packed, shapes = {}, {}
-    for name in names:
-        mask = sparsifier.get_mask(name)
-        packed[name] = pack_mask(mask)
-        shapes[name] = list(mask.shape)
-    save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
-    return path
-
-
-def load_masks(path: str | os.PathLike) -> dict[str, Any]:
-    """``{name: bool tensor}`` from a file written by :func:`save_masks`."""
-    import json
-
-    from safetensors import safe_open
-
-    from sparsify_exp.sparsifier.mask_bits import unpack_mask
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != MASK_FORMAT:
-            raise ValueError(f"{path}: not a {MASK_FORMAT} file (format={meta.get('format')!r})")
-        shapes = json.loads(meta["shapes"])
-        # .bool(): a no-op with the current library; kept so older packed files load as bool
-        return {name: unpack_mask(f.get_tensor(name), shapes[name]).bool() for name in shapes}
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from sparsify_exp.data import DataBundle
+from sparsify_exp.runner.data import DataBundle
 
 
 def build(tables: Sequence[Mapping], seed: int = 0) -> DataBundle:

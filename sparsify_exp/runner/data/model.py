@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsify_exp.data import DataBundle, select_names
+from sparsify_exp.runner.data import DataBundle, select_names
 
 
 def build(

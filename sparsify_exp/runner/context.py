@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from sparsify_exp.config import format_value
+from sparsify_exp.runner.config import format_value
 
 
 @dataclass

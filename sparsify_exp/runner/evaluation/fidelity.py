@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from sparsify_exp.evaluation._util import metric_key
-from sparsify_exp.evaluation.base import EvalContext, Evaluator, Metrics
+from sparsify_exp.runner.evaluation._util import metric_key
+from sparsify_exp.runner.evaluation.base import EvalContext, Evaluator, Metrics
 
 _CHUNK_ENTRIES = 1 << 22  # ~4M entries a chunk: bounded temporaries for any table size
 

@@ -3,10 +3,11 @@
 A source is any callable (selected by ``_target_`` in ``conf/data/*.yaml``) that returns a
 :class:`DataBundle`. The sources shipped here:
 
-- :mod:`sparsify_exp.data.tensors`    -- random tensors of configured names and shapes;
-- :mod:`sparsify_exp.data.model`      -- the parameters of an ``nn.Module`` (default: :class:`MLP`);
-- :mod:`sparsify_exp.data.embeddings` -- ``nn.Embedding`` / ``nn.EmbeddingBag`` tables;
-- :mod:`sparsify_exp.data.file`       -- a ``.safetensors`` file or a torch state_dict.
+- :mod:`sparsify_exp.runner.data.tensors`    -- random tensors of configured names and shapes;
+- :mod:`sparsify_exp.runner.data.model`      -- the parameters of an ``nn.Module`` (default:
+  :class:`MLP`);
+- :mod:`sparsify_exp.runner.data.embeddings` -- ``nn.Embedding`` / ``nn.EmbeddingBag`` tables;
+- :mod:`sparsify_exp.runner.data.file`       -- a ``.safetensors`` file or a torch state_dict.
 """
 
 from __future__ import annotations

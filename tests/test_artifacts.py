@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparsify_exp.run_artifacts import block_average
+from sparsify_exp.runner.artifacts import block_average
 
 
 def _reference(mask: torch.Tensor, max_side: int) -> torch.Tensor:

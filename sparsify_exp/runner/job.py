@@ -1,0 +1,243 @@
+"""One job of the runner: validate -> create the MLflow run -> build -> step -> finalize.
+
+build: data, sparsifier (``add_data`` with per-name config), schedule, evaluators;
+step: ``sparsifier.step()``, ``scheduler.step()``, per-step metrics, for ``schedule.steps``;
+finalize: masks, pictures, per-name table, ``squash_mask()``, the sparsified data and its size.
+
+A config mistake raises :class:`ConfigError` before any run exists; any later failure marks
+the run FAILED (KILLED for Ctrl-C) with the reason, uploads what it had, and re-raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sparsify_exp.masks import save_masks
+from sparsify_exp.runner import tracking as tr
+from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
+from sparsify_exp.runner.build import Built, build
+from sparsify_exp.runner.config import ConfigError, validate
+from sparsify_exp.runner.context import JobInfo, job_info
+from sparsify_exp.runner.progress import Progress
+from sparsify_exp.runner.step_metrics import StepMetrics
+
+log = logging.getLogger("sparsify_exp.runner")
+
+
+def run(cfg: DictConfig) -> str:
+    """Runs one job described by ``cfg``; returns the MLflow run id."""
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    job = job_info()
+    c: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
+    tracker = start_run(c, job)
+    artifacts = job.output_dir / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    try:
+        _log_config(tracker, c, job, artifacts)
+        built = build(cfg, c["per_name"].get("rules") or [], int(c["seed"]))
+        _execute(built, c, job, tracker, artifacts)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        try:
+            (artifacts / "error.txt").write_text(traceback.format_exc())
+            upload_artifacts(tracker, artifacts, job)
+        except Exception as log_error:  # the store may be what failed
+            log.warning("could not log the artifacts of the failed run: %s", log_error)
+        tracker.fail(e, status)
+        log.error("run %s %s: %s", tracker.run_id, status, tr.failure_reason(e))
+        raise
+    upload_artifacts(tracker, artifacts, job)
+    tracker.finish()
+    return tracker.run_id
+
+
+def start_run(c: Mapping[str, Any], job: JobInfo) -> tr.RunTracker:
+    """Creates the job's MLflow run (a child of its sweep's parent run, when in one)."""
+    from mlflow.tracking import MlflowClient
+
+    m = c["mlflow"]
+    uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = tr.ensure_experiment(client, m["experiment"])
+    parent = None
+    if job.multirun and job.sweep_dir is not None:
+        parent = tr.parent_from_env(str(job.sweep_dir)) or tr.find_parent_by_sweep_dir(
+            client, exp_id, str(job.sweep_dir)
+        )
+    default_name = "-".join(
+        v for v in (job.choices.get("sparsifier"), job.choices.get("data")) if v
+    )
+    if job.multirun and job.override_dirname:
+        default_name = job.override_dirname
+    tags = {
+        **{f"{tr.CHOICE_TAG_PREFIX}{k}": v for k, v in job.choices.items()},
+        tr.OVERRIDES_TAG: " ".join(job.overrides),
+        "sparsify.job_dir": str(job.output_dir),
+        tr.EVALUATORS_TAG: ",".join(c.get("eval") or {}),
+        "mlflow.source.name": "python -m sparsify_exp",
+        "mlflow.source.type": "LOCAL",
+        **tr.git_info(Path(__file__).resolve().parent),
+        **{str(k): str(v) for k, v in (m.get("tags") or {}).items()},
+    }
+    tracker = tr.RunTracker.start(
+        client, exp_id, m["run_name"] or default_name or None, tags, parent_run_id=parent
+    )
+    log.info(
+        "MLflow run %s (experiment %r, %s)%s",
+        tracker.run_id,
+        m["experiment"],
+        uri,
+        f", child of sweep run {parent}" if parent else "",
+    )
+    return tracker
+
+
+def _log_config(tracker: tr.RunTracker, c: Mapping[str, Any], job: JobInfo, artifacts: Path):
+    tracker.log_params(tr.flatten(c))
+    cfg_dir = artifacts / "config"
+    cfg_dir.mkdir(exist_ok=True)
+    OmegaConf.save(c, cfg_dir / "config.yaml")
+    (cfg_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(job.overrides)))
+
+
+def _hook(evaluators: Mapping[str, Any], hook: str, ctx: Any) -> dict[str, float]:
+    """Calls ``hook`` on every evaluator; a failure or a non-number names the evaluator."""
+    out: dict[str, float] = {}
+    for name, ev in evaluators.items():
+        try:
+            metrics = getattr(ev, hook)(ctx) or {}
+        except Exception as e:
+            raise RuntimeError(
+                f"evaluator {name!r} failed in {hook}: {type(e).__name__}: {e}"
+            ) from e
+        for k, v in metrics.items():
+            try:
+                out[str(k)] = float(v)
+            except (TypeError, ValueError) as e:
+                raise RuntimeError(
+                    f"evaluator {name!r} returned a non-numeric metric {k}={v!r} from {hook}"
+                ) from e
+    return out
+
+
+def _execute(
+    built: Built, c: Mapping[str, Any], job: JobInfo, tracker: tr.RunTracker, artifacts: Path
+) -> None:
+    from sparsify_exp.runner.data import as_tensor
+    from sparsify_exp.runner.evaluation import EvalContext
+
+    t0 = time.perf_counter()
+    m, steps = c["mlflow"], int(c["schedule"]["steps"])
+    sp, names = built.sparsifier, list(built.added)
+    numels = {n: as_tensor(built.added[n]).numel() for n in names}
+    tracker.log_params(
+        {
+            "data.names": len(names),
+            "data.numel": sum(numels.values()),
+            "data.names_skipped": len(built.skipped),
+        }
+    )
+    if built.bundle.source:
+        tracker.set_tags({"sparsify.data_source": built.bundle.source})
+    log.info(
+        "%d names (%d entries) to sparsify with %s, %d step(s)%s",
+        len(names),
+        sum(numels.values()),
+        type(sp).__name__,
+        steps,
+        f"; {len(built.skipped)} kept dense by per_name rules" if built.skipped else "",
+    )
+    eval_dir = artifacts / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    ctx = EvalContext(
+        named_data=built.added, sparsifier=sp, model=built.bundle.model, artifacts_dir=eval_dir
+    )
+    tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
+
+    # ---- the steps
+    measure = StepMetrics(
+        names,
+        numels,
+        max_name_metrics=int(m["max_name_metrics"]),
+        schedule_param=getattr(built.scheduler, "schedule_param", None),
+        track_churn=steps > 1,
+    )
+    progress = Progress(c["output"]["progress"], steps)
+    last: dict[str, float] = {}
+    try:
+        for k in range(steps):
+            scheduled = measure.scheduled_value(sp)
+            sp.step()
+            if built.scheduler is not None:
+                built.scheduler.step()
+            last = measure.measure(sp, scheduled)
+            if k % int(m["log_every"]) == 0 or k == steps - 1:
+                tracker.log_metrics(last, step=k)
+            if m["masks_every"] and (k + 1) % int(m["masks_every"]) == 0 and k < steps - 1:
+                save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
+            progress.update(k, last)
+    finally:
+        progress.close()
+        measure.close()
+    final = steps - 1
+    tracker.log_metrics(_hook(built.evaluators, "on_masked", ctx), step=final)
+
+    # ---- the masks: compact file, pictures, table
+    save_masks(sp, names, artifacts / "masks" / "final.safetensors")
+    write_table(
+        artifacts / "per_name.csv", built.bundle, built.added, built.skipped, measure.per_name
+    )
+    n_img = mask_images(
+        sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
+    )
+    kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
+    sp.squash_mask()
+
+    # ---- the sparsified data, in the input's format, and what it costs on disk
+    sizes = storage_sizes(built.bundle, built.added, kept)
+    if c["output"]["write_data"]:
+        data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = built.bundle.save(data_dir / "sparsified")
+        file_bytes = path.stat().st_size
+        sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
+        sizes["size/dense_bytes"] = file_bytes
+        log.info("sparsified data written to %s", path)
+    sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
+        sizes["size/compressed_bytes"], 1
+    )
+    tracker.log_metrics(sizes, step=final)
+    tracker.log_metrics(_hook(built.evaluators, "on_end", ctx), step=final)
+    tracker.log_metrics({"time/run_s": time.perf_counter() - t0}, step=final)
+    log.info(
+        "done: sparsity %.4f over %d names (min %.4f, max %.4f); %d mask image(s); "
+        "%.1f MB dense -> %.1f MB as bitmask + kept values",
+        last.get("sparsity/overall", math.nan),
+        len(names),
+        last.get("sparsity/min", math.nan),
+        last.get("sparsity/max", math.nan),
+        n_img,
+        sizes["size/dense_bytes"] / 1e6,
+        sizes["size/compressed_bytes"] / 1e6,
+    )
+
+
+def upload_artifacts(tracker: tr.RunTracker, artifacts: Path, job: JobInfo) -> None:
+    """Uploads the job's artifacts folder and its log file (also for a failed run)."""
+    tracker.flush()
+    if artifacts.is_dir() and any(artifacts.iterdir()):
+        tracker.log_artifact(artifacts)
+    if job.log_file is not None and job.log_file.is_file():
+        tracker.log_artifact(job.log_file, "logs")

@@ -1,0 +1,40 @@
+"""Progress of the steps on the terminal: tqdm on a terminal, a few plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+
+log = logging.getLogger("sparsify_exp.runner")
+
+
+class Progress:
+    """``mode``: ``auto`` (a bar on a terminal, else log lines), ``bar``, ``log`` or ``none``."""
+
+    def __init__(self, mode: str, steps: int):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.steps, self.bar = mode, steps, None
+        self.every = max(1, steps // 10)
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc="sparsify", unit="step")
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> None:
+        sparsity = metrics.get("sparsity/overall", float("nan"))
+        churn = metrics.get("churn/overall")
+        if self.bar is not None:
+            post = {"sparsity": f"{sparsity:.4f}"}
+            if churn is not None:
+                post["churn"] = f"{churn:.4f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        elif self.mode == "log" and (step % self.every == 0 or step == self.steps - 1):
+            extra = f"  churn {churn:.4f}" if churn is not None else ""
+            log.info("step %d/%d  sparsity %.4f%s", step + 1, self.steps, sparsity, extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
