@@ -9,6 +9,7 @@ from sparsify_exp.sparsifier.base import (
 from sparsify_exp.sparsifier.data_norm import DataNormSparsifier
 from sparsify_exp.sparsifier.first_row import FirstRowSparsifier
 from sparsify_exp.sparsifier.mask_bits import pack_mask, unpack_mask
+from sparsify_exp.sparsifier.nonfinite import count_nonfinite
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -17,6 +18,7 @@ __all__ = [
     "DataShapeMismatchError",
     "FirstRowSparsifier",
     "UnsupportedDataTypeError",
+    "count_nonfinite",
     "pack_mask",
     "unpack_mask",
 ]

@@ -3,6 +3,10 @@
 Data is viewed as 2-D ``(H, W)`` and tiled by ``(bh, bw)`` blocks anchored at index 0; the
 last block row/column may be partial. Every function works on ``ceil(H/bh) x ceil(W/bw)``
 block grids and allocates at most one chunk of the data at a time.
+
+Ranking order, the one ``torch.sort`` gives (and so torch's reference): finite scores
+ascending, then ``+inf``, then NaN; equal scores (NaN included) by position. Complex data is
+ranked by magnitude.
 """
 
 from __future__ import annotations
@@ -47,9 +51,22 @@ def _row_chunks(height: int, width: int, block_h: int) -> Iterator[tuple[int, in
         yield start, min(start + per_chunk, block_rows)
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype scores are computed in: float64 for 64-bit floats, float32 otherwise
+    (fp16/bf16 sums would lose the order of close blocks)."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
 def _magnitude(chunk: torch.Tensor, norm: str) -> torch.Tensor:
-    work_dtype = torch.float64 if chunk.dtype == torch.float64 else torch.float32
-    chunk = chunk.to(work_dtype) if chunk.dtype != work_dtype else chunk
+    """``|x|`` (L1) or ``|x|**2`` (L2) in the work dtype; a fresh tensor, never a view."""
+    work = work_dtype(chunk.dtype)
+    if chunk.is_complex():
+        # a cast to a real dtype would silently drop the imaginary part: use the magnitude
+        if norm == "L1":
+            return chunk.abs().to(work)
+        parts = torch.view_as_real(chunk).to(work)
+        return parts.square().sum(-1)  # re**2 + im**2, without the rounding of a sqrt
+    chunk = chunk.to(work) if chunk.dtype != work else chunk
     return chunk.abs() if norm == "L1" else chunk.square()
 
 
@@ -105,8 +122,7 @@ def block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> tor
         values = _magnitude(data2d, norm)[None, None]
         return F.avg_pool2d(values, block, block, ceil_mode=True)[0, 0]
     rows, cols = grid_shape(height, width, block)
-    work_dtype = torch.float64 if data2d.dtype == torch.float64 else torch.float32
-    scores = torch.empty(rows, cols, dtype=work_dtype, device=data2d.device)
+    scores = torch.empty(rows, cols, dtype=work_dtype(data2d.dtype), device=data2d.device)
     for start, stop in _row_chunks(height, width, block_h):
         chunk = data2d[start * block_h : min(stop * block_h, height)]
         scores[start:stop] = _sum_blocks(_magnitude(chunk, norm), block)
@@ -123,6 +139,9 @@ def block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> tor
 def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """A ``bool`` tensor marking exactly the ``k`` smallest scores; ties broken by index.
 
+    NaN ranks above everything (``+inf`` included), as ``torch.sort`` puts it: NaN scores are
+    marked only when ``k`` exceeds the NaN-free count, the first ones by position.
+
     Runs in O(n) with small temporaries: a strided sample brackets the k-th value, one pass
     counts what lies below the bracket and the few candidates inside it are selected exactly.
     """
@@ -133,26 +152,56 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = _kth_smallest(flat, k)
-    chosen = flat <= threshold
+    chosen = flat <= threshold  # never marks NaN
     extra = int(torch.count_nonzero(chosen)) - k
     if extra > 0:  # ties at the threshold: keep the first ones by position
         _drop_last_ties(flat, chosen, threshold, extra)
+    elif extra < 0:
+        # fewer than k marked: only a NaN threshold does that, i.e. k exceeds the NaN-free
+        # blocks. All of those go, then the first NaN blocks by position.
+        torch.eq(flat, flat, out=chosen)
+        _take_first_nans(flat, chosen, k - int(torch.count_nonzero(chosen)))
     return chosen.view(scores.shape)
 
 
+def _take_first_nans(flat: torch.Tensor, chosen: torch.Tensor, count: int) -> None:
+    """Marks the first ``count`` NaN entries of ``flat`` in ``chosen``, a chunk at a time."""
+    n = flat.numel()
+    for start in range(0, n, CHUNK_ELEMENTS):
+        if count <= 0:
+            return
+        stop = min(start + CHUNK_ELEMENTS, n)
+        nans = flat[start:stop].isnan().nonzero().squeeze(1)[:count]
+        chosen[start + nans] = True
+        count -= nans.numel()
+
+
 def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest score, NaN ranking last (``kthvalue``'s order): NaN when ``k``
+    exceeds the NaN-free count."""
     n = flat.numel()
     if n <= (1 << 18):
         return torch.kthvalue(flat, k).values
     sample_size = 1 << 16
-    sample = torch.sort(flat[:: n // sample_size]).values
+    sample = torch.sort(flat[:: n // sample_size]).values  # NaN sorts last
     m = sample.numel()
     pos = k / n * m
     spread = 4.0 * math.sqrt(m) + 2
     lo_index, hi_index = math.floor(pos - spread), math.ceil(pos + spread)
     lo = sample[lo_index] if lo_index >= 0 else None
     hi = sample[hi_index] if hi_index < m else None
-    # one pass: count what lies below the bracket and keep what lies inside it
+    if lo is not None and bool(lo.isnan()):
+        # the sample says the k-th is NaN: confirm by counting the NaN-free scores
+        valid = sum(
+            int(torch.count_nonzero(chunk == chunk)) for chunk in flat.split(CHUNK_ELEMENTS)
+        )
+        if k > valid:
+            return flat.new_full((), math.nan)
+        return torch.kthvalue(flat, k).values  # the sample misled us: exact
+    if hi is not None and bool(hi.isnan()):
+        hi = None  # NaN above the bracket: unbounded (comparisons never select NaN anyway)
+    # one pass: count what lies below the bracket and keep what lies inside it (NaN in
+    # neither)
     below, parts = 0, []
     for i in range(0, n, CHUNK_ELEMENTS):
         chunk = flat[i : i + CHUNK_ELEMENTS]
@@ -162,7 +211,8 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     inside = torch.cat(parts)
     if below < k <= below + inside.numel():
         return torch.kthvalue(inside, k - below).values
-    # the sample misled us (an adversarial layout): exact, at the cost of more memory
+    # the sample misled us (an adversarial layout, or NaN it missed): exact, at the cost of
+    # more memory
     return torch.kthvalue(flat, k).values
 
 
@@ -241,6 +291,23 @@ def write_block_mask(mask2d: torch.Tensor, keep: torch.Tensor, block: tuple[int,
             tail[:, full_w:].copy_(keep[rows_f, cols_f])
 
 
+def _rank_keys(values: torch.Tensor) -> torch.Tensor:
+    """Integer keys of magnitudes (``>= 0`` or NaN) in the same order, every NaN mapped to
+    ``_NAN_KEY[dtype]`` just above ``+inf``: leaves the key ``_PAD_KEY[dtype]`` free for
+    padding, which must rank after every real entry, NaN included. Reuses ``values``."""
+    keys = values.view(_KEY_DTYPES[values.dtype])
+    keys.bitwise_and_(_SIGN_CLEAR[values.dtype])  # -0.0 -> +0.0, and NaN of either sign
+    return keys.clamp_(max=_NAN_KEY[values.dtype])
+
+
+# the bits of non-negative floats order as the floats do; +inf's bits are the largest
+# finite-or-inf key, NaN's lie above it
+_KEY_DTYPES = {torch.float32: torch.int32, torch.float64: torch.int64}
+_SIGN_CLEAR = {torch.float32: 0x7FFF_FFFF, torch.float64: 0x7FFF_FFFF_FFFF_FFFF}
+_NAN_KEY = {torch.float32: 0x7F80_0001, torch.float64: 0x7FF0_0000_0000_0001}
+_PAD_KEY = {torch.float32: 0x7F80_0002, torch.float64: 0x7FF0_0000_0000_0002}
+
+
 def write_in_block_mask(
     mask2d: torch.Tensor,
     data2d: torch.Tensor,
@@ -250,7 +317,8 @@ def write_in_block_mask(
     norm: str,
 ) -> None:
     """In every block marked ``removed``, zeroes its ``zeros_per_block`` smallest entries
-    (by ``norm``) and keeps the rest; blocks not removed are kept whole."""
+    (by ``norm``; finite, then inf, then NaN) and keeps the rest; blocks not removed are
+    kept whole. A partial block zeroes ``min(zeros_per_block, its entries)``."""
     height, width = data2d.shape
     block_h, block_w = block
     cols = math.ceil(width / block_w)
@@ -258,12 +326,14 @@ def write_in_block_mask(
     for start, stop in _row_chunks(height, width, block_h):
         r0, r1 = start * block_h, min(stop * block_h, height)
         values = _magnitude(data2d[r0:r1], norm)
+        keys = _rank_keys(values)
         rows = stop - start
-        padded = values.new_full((rows * block_h, padded_w), float("nan"))
-        padded[: r1 - r0, :width] = values
+        padded = keys.new_full((rows * block_h, padded_w), _PAD_KEY[values.dtype])
+        padded[: r1 - r0, :width] = keys
+        del values, keys
         tiles = padded.view(rows, block_h, cols, block_w).permute(0, 2, 1, 3)
         tiles = tiles.reshape(rows, cols, block_h * block_w)
-        # NaN padding ranks last, so partial blocks drop their real entries first (as torch)
+        # padding ranks last, so partial blocks drop their real entries first (as torch)
         order = torch.topk(tiles, zeros_per_block, dim=2, largest=False).indices
         tile_keep = torch.ones(tiles.shape, dtype=torch.bool, device=data2d.device)
         tile_keep.scatter_(2, order, False)

@@ -54,20 +54,29 @@ def _check_norm(value: Any) -> str:
 
 
 class DataNormSparsifier(BaseDataSparsifier):
-    r"""Zeroes the blocks of data with the lowest mean ``|x|`` (L1) or ``x**2`` (L2).
+    r"""Zeroes the blocks of data with the lowest mean ``|x|`` (L1) or ``|x|**2`` (L2).
 
-    * ``sparsity_level``: fraction of blocks removed, ``round(sparsity_level * num_blocks)``.
+    * ``sparsity_level``: fraction of blocks removed, ``round(sparsity_level * num_blocks)``,
+      exactly that many whatever the data holds (NaN, inf, ties).
     * ``sparse_block_shape``: ``(rows, cols)`` of a block; blocks start at index 0 and the
       last row/column of blocks may be partial (scored by the mean of its valid entries).
     * ``zeros_per_block``: how many of a removed block's entries are zeroed, smallest first;
       ``None`` means the whole block. ``(1, 4)`` with ``zeros_per_block=2`` at level 1.0 is
-      2:4 semi-structured sparsity.
+      2:4 semi-structured sparsity. A partial block zeroes ``min(zeros_per_block, entries)``.
     * ``norm``: ``"L1"`` or ``"L2"``.
 
     All but ``norm`` are defaults that ``add_data(name, data, **config)`` may override per
     name. Data is viewed as 2-D: size-1 dims dropped, 1-D as one row, N-D as
     ``(shape[0], -1)``. Masks equal the reference's on data without ties; ties are broken by
-    position. A step reads the data once, in chunks, and allocates about a quarter of it.
+    position (the first blocks go first). A step reads the data once, in chunks, and
+    allocates about a quarter of it.
+
+    Non-finite data ranks as ``torch.sort`` (and so the reference) orders it: a block holding
+    NaN scores NaN and a block holding ``+inf`` or ``-inf`` (and no NaN) scores ``+inf``;
+    finite scores go first, then ``+inf`` blocks, then NaN blocks, so NaN blocks are removed
+    last, the first by position when some must go. Inside a removed block the same order
+    picks the entries zeroed. Complex data is ranked by magnitude, ``|x|`` for L1 and
+    ``|x|**2`` for L2 (the reference does L1 so and cannot do L2).
     """
 
     def __init__(
@@ -117,11 +126,14 @@ class DataNormSparsifier(BaseDataSparsifier):
         per_block = block[0] * block[1]
         zeros = per_block if zeros_per_block is None else _check_zeros(zeros_per_block, block)
         mask = self.get_mask(name)
+        if data.numel() == 0:  # no blocks (and no 2-D view of, e.g., shape (0,))
+            mask.fill_(True)
+            return
 
         data2d = block_ops.as_2d(data)
         rows, cols = block_ops.grid_shape(*data2d.shape, block)
         num_remove = round(level * (rows * cols))  # as torch: level * num_blocks
-        if num_remove == 0 or zeros == 0 or data.numel() == 0:
+        if num_remove == 0 or zeros == 0:
             mask.fill_(True)
             return
         if num_remove == rows * cols and zeros == per_block:
