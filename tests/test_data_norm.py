@@ -526,3 +526,193 @@ def test_empty_data():
     sp.add_data("e", torch.empty(0, 4))
     sp.step()
     assert sp.get_mask("e").shape == (0, 4)
+
+
+# ------------------------------------------------------------ NaN, inf and complex data
+
+NAN, INF = float("nan"), float("inf")
+
+
+def removed_blocks(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Flat bool over the block grid: True where any entry of the block is zeroed."""
+    return ~_per_block(block_ops.as_2d(mask), block, lambda b: b.all(), torch.bool).flatten()
+
+
+def sort_oracle(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The documented order: torch's stable sort (NaN last, ties by position), first k."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    chosen[torch.argsort(scores.flatten(), stable=True)[:k]] = True
+    return chosen
+
+
+def with_nan_blocks(rows: int, cols: int, fraction: float, seed: int) -> tuple:
+    """(rows, cols) data, (1, 4) blocks, ``fraction`` of the blocks holding one NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    num_blocks = rows * cols // 4
+    nan_blocks = torch.randperm(num_blocks, generator=gen)[: round(fraction * num_blocks)]
+    entry = torch.randint(0, 4, (nan_blocks.numel(),), generator=gen)
+    data.view(num_blocks, 4)[nan_blocks, entry] = NAN
+    is_nan = torch.zeros(num_blocks, dtype=torch.bool)
+    is_nan[nan_blocks] = True
+    return data, is_nan
+
+
+@pytest.mark.parametrize(("fraction", "level"), [(0.1, 0.95), (0.5, 0.6)])
+def test_nan_blocks_outnumbering_the_rest_are_removed_like_the_reference(fraction, level):
+    """The issue's repro: more blocks to remove than NaN-free blocks; it used to remove 0."""
+    data, is_nan = with_nan_blocks(100, 400, fraction, seed=40)
+    k = round(level * 10_000)
+    got = removed_blocks(ours_mask(data, sparsity_level=level), (1, 4))
+    expected = removed_blocks(ref_mask(data, sparsity_level=level), (1, 4))
+    assert int(got.sum()) == int(expected.sum()) == k
+    # both remove every NaN-free block, then NaN blocks: ours the first ones by position
+    assert got[~is_nan].all() and expected[~is_nan].all()
+    nan_index = is_nan.nonzero().squeeze(1)
+    assert torch.equal(got[nan_index], torch.arange(nan_index.numel()) < k - int((~is_nan).sum()))
+
+
+@pytest.mark.parametrize(("fraction", "level"), [(0.1, 0.5), (0.5, 0.3), (0.1, 0.9)])
+def test_nan_blocks_fewer_than_needed_are_kept_and_mask_equals_the_reference(fraction, level):
+    data, is_nan = with_nan_blocks(100, 400, fraction, seed=41)
+    got = ours_mask(data, sparsity_level=level)
+    assert torch.equal(got, ref_mask(data, sparsity_level=level))
+    removed = removed_blocks(got, (1, 4))
+    assert int(removed.sum()) == round(level * 10_000)
+    assert not removed[is_nan].any()
+
+
+def test_inf_blocks_rank_between_finite_and_nan_like_the_reference():
+    gen = torch.Generator().manual_seed(42)
+    data = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    blocks = data.view(500, 4)
+    kinds = torch.randint(0, 4, (500,), generator=gen)  # 0, 1: finite; 2: +-inf; 3: NaN
+    blocks[kinds == 2, 1] = INF
+    blocks[(kinds == 2) & (torch.arange(500) % 2 == 0), 2] = -INF  # +inf and -inf together
+    blocks[kinds == 3, 0] = NAN
+    blocks[kinds == 3, 3] = -INF  # NaN wins over inf
+    finite, inf, nan = kinds < 2, kinds == 2, kinds == 3
+    for norm in ("L1", "L2"):
+        scores = grid_scores(data, (1, 4), norm).flatten()
+        assert scores[finite].isfinite().all() and (scores[inf] == INF).all()
+        assert scores[nan].isnan().all()
+        for level in (0.3, float(finite.sum() + inf.sum() // 2) / 500, 0.9, 1.0 - 1 / 500):
+            k = round(level * 500)
+            got = removed_blocks(ours_mask(data, sparsity_level=level, norm=norm), (1, 4))
+            ref = removed_blocks(ref_mask(data, sparsity_level=level, norm=norm), (1, 4))
+            assert int(got.sum()) == int(ref.sum()) == k, (norm, level)
+            assert torch.equal(got, sort_oracle(scores, k)), (norm, level)
+            # the reference agrees on every block but the order among equal (inf, NaN) ones
+            for group in (finite, inf, nan):
+                assert int(got[group].sum()) == int(ref[group].sum()), (norm, level)
+            assert torch.equal(got[finite], ref[finite])
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3, 0.5, 1.0])
+def test_all_nan_data_removes_the_first_blocks(level):
+    data = torch.full((10, 13), NAN)
+    block = (2, 3)
+    got = removed_blocks(ours_mask(data, sparsity_level=level, sparse_block_shape=block), block)
+    k = round(level * got.numel())
+    assert torch.equal(got, torch.arange(got.numel()) < k)
+    ref = removed_blocks(ref_mask(data, sparsity_level=level, sparse_block_shape=block), block)
+    assert int(ref.sum()) == k
+
+
+def test_nan_and_inf_inside_removed_blocks_zero_real_entries_first():
+    """zeros_per_block ranks a block's entries finite < inf < NaN; partial blocks never spend
+    a zero on padding, whatever the block holds."""
+    data = torch.tensor(
+        [
+            [NAN, INF, 1.0, -2.0, NAN, NAN, -INF],
+            [0.5, NAN, 3.0, 4.0, INF, 6.0, NAN],
+            [NAN, 8.0, NAN, -INF, NAN, NAN, NAN],
+        ]
+    )
+    block = (2, 4)
+    for zeros in range(1, 9):
+        mask = ours_mask(data, sparsity_level=1.0, sparse_block_shape=block, zeros_per_block=zeros)
+        for r0, c0 in ((0, 0), (0, 4), (2, 0), (2, 4)):
+            tile_mask = mask[r0 : r0 + 2, c0 : c0 + 4]
+            tile = data[r0 : r0 + 2, c0 : c0 + 4].flatten()
+            assert int((~tile_mask).sum()) == min(zeros, tile.numel()), (zeros, r0, c0)
+            order = torch.argsort(tile.abs(), stable=True)  # finite, inf, NaN
+            zeroed = torch.zeros(tile.numel(), dtype=torch.bool)
+            zeroed[order[:zeros]] = True
+            # equal magnitudes may go either way: compare the multiset of magnitudes zeroed
+            got = tile.abs()[~tile_mask.flatten()].sort().values
+            expected = tile.abs()[zeroed].sort().values
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    # a full block without equal magnitudes: exactly the reference's choice
+    full = torch.tensor([[NAN, INF, 1.0, -2.0], [0.5, -3.0, 7.0, -INF]])
+    kwargs = dict(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=3)
+    assert torch.equal(ours_mask(full, **kwargs), ref_mask(full, **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("n", "nan_count", "level"),
+    [
+        (1_200_000, 120_000, 0.95),  # the sample sees NaN at the k-th position
+        (1_200_000, 120_000, 0.89),  # NaN just above the bracket
+        (1_200_000, 5, 0.999999),  # too few NaN for the sample: k still reaches them
+        (400_000, 400_000, 0.7),  # all NaN, sampled path
+    ],
+)
+def test_nan_on_the_sampled_path_against_the_sort_oracle(n, nan_count, level):
+    gen = torch.Generator().manual_seed(43)
+    data = torch.randn(n, generator=gen, dtype=torch.float64)
+    data[torch.randperm(n, generator=gen)[:nan_count]] = NAN
+    data[torch.randperm(n, generator=gen)[:50]] = INF
+    k = round(level * n)
+    mask = ours_mask(data, sparsity_level=level, sparse_block_shape=(1, 1))
+    assert int((~mask).sum()) == k
+    assert torch.equal(~mask, sort_oracle(data.abs(), k))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("zeros", [None, 2])
+def test_complex_l1_ranks_by_magnitude_like_the_reference(dtype, zeros):
+    gen = torch.Generator().manual_seed(44)
+    data = torch.randn(30, 21, generator=gen, dtype=dtype)
+    for level in (0.2, 0.5, 0.9):
+        kwargs = dict(sparsity_level=level, sparse_block_shape=(2, 4), zeros_per_block=zeros)
+        got = ours_mask(data, **kwargs)
+        assert torch.equal(got, ref_mask(data, **kwargs))
+        # the imaginary part counts: real parts alone rank differently
+        assert not torch.equal(got, ours_mask(data.real.contiguous(), **kwargs))
+        assert int(removed_blocks(got, (2, 4)).sum()) == round(level * 15 * 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_l2_ranks_by_squared_magnitude(dtype):
+    """The reference cannot do L2 on complex data; its L1 on |x|**2 is the same ranking."""
+    gen = torch.Generator().manual_seed(45)
+    data = torch.randn(30, 21, generator=gen, dtype=dtype)
+    squared = torch.view_as_real(data).double().square().sum(-1)
+    for level, zeros in ((0.3, None), (0.7, 3)):
+        kwargs = dict(sparsity_level=level, sparse_block_shape=(2, 4), zeros_per_block=zeros)
+        got = ours_mask(data, norm="L2", **kwargs)
+        assert torch.equal(got, ref_mask(squared, norm="L1", **kwargs))
+        assert int(removed_blocks(got, (2, 4)).sum()) == round(level * 15 * 6)
+    with pytest.raises(NotImplementedError):  # so the comparison above is the one to make
+        ref_mask(data, sparsity_level=0.5, norm="L2")
+
+
+def test_complex_with_nan_and_large_data():
+    gen = torch.Generator().manual_seed(46)
+    data = torch.randn(200_000, 8, generator=gen, dtype=torch.complex128)
+    data[::7, 3] = complex(0.0, NAN)
+    squared = torch.view_as_real(data).square().sum(-1)
+    for norm, magnitude in (("L1", data.abs()), ("L2", squared)):
+        mask = ours_mask(data, sparsity_level=0.9, sparse_block_shape=(1, 4), norm=norm)
+        scores = magnitude.view(-1, 4).sum(1)  # full (1, 4) blocks: sums rank as means
+        k = round(0.9 * scores.numel())
+        removed = ~mask.view(-1, 4)
+        assert torch.equal(removed, removed[:, :1].expand(-1, 4))  # whole blocks
+        assert torch.equal(removed[:, 0], sort_oracle(scores, k))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (4, 0), (1, 0), (0, 1, 3)])
+def test_data_without_entries_removes_nothing(shape):
+    mask = ours_mask(torch.empty(shape), sparsity_level=0.7, sparse_block_shape=(2, 2))
+    assert mask.shape == shape

@@ -882,3 +882,72 @@ def test_no_warnings_on_normal_use():
         sp.step()
         sp.get_data("a", return_original=False)
         sp.squash_mask()
+
+
+# ---------------------------------------------------------------------- count_nonfinite
+
+
+def _nonfinite_data() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(20)
+    data = torch.randn(37, 53, generator=gen, dtype=torch.float64)
+    flat = data.view(-1)
+    where = torch.randperm(flat.numel(), generator=gen)
+    flat[where[:40]] = float("nan")
+    flat[where[40:65]] = float("inf")
+    flat[where[65:80]] = -float("inf")
+    return data
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 53, 100, 1 << 20])
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda t: t,
+        lambda t: t.t(),
+        lambda t: t[::3, 1::2],
+        lambda t: t.view(37, 53, 1).expand(37, 53, 4)[:, ::5],
+        lambda t: t[:1, :1].squeeze(),  # 0-d
+        lambda t: t[:0],
+        lambda t: t.half(),
+        lambda t: t.to(torch.bfloat16),
+        lambda t: torch.complex(t, t.flip(0)),
+    ],
+)
+def test_count_nonfinite_counts_nan_and_inf_in_any_view_and_chunking(view, chunk):
+    from sparsify_exp.sparsifier import count_nonfinite
+
+    data = view(_nonfinite_data())
+    expected = int((~torch.isfinite(data)).sum())
+    assert count_nonfinite(data, chunk_elements=chunk) == expected
+
+
+def test_count_nonfinite_on_modules_integers_and_parameters():
+    from sparsify_exp.sparsifier import count_nonfinite
+
+    emb = nn.EmbeddingBag(10, 4)
+    with torch.no_grad():
+        emb.weight[3, 1] = float("nan")
+        emb.weight[7] = float("inf")
+    assert count_nonfinite(emb) == 5
+    assert count_nonfinite(emb.weight) == 5  # a parameter that requires grad
+    assert count_nonfinite(torch.arange(10)) == 0
+    assert count_nonfinite(_nonfinite_data()) == 80
+    with pytest.raises(TypeError):
+        count_nonfinite(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="chunk_elements"):
+        count_nonfinite(torch.ones(3), chunk_elements=0)
+
+
+@pytest.mark.parametrize("view", [lambda t: t, lambda t: t.t()])
+def test_count_nonfinite_allocates_at_most_a_chunk(view):
+    """Counts a 4M-entry tensor with no temporary larger than one chunk of it (the largest
+    allocation torch's profiler reports), also when the view is not contiguous."""
+    from sparsify_exp.sparsifier import count_nonfinite
+
+    data = torch.zeros(2000, 2000)
+    data[1999, 3] = float("nan")
+    chunk = 1 << 16
+    with torch.profiler.profile(profile_memory=True) as prof:
+        assert count_nonfinite(view(data), chunk_elements=chunk) == 1
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert chunk <= biggest <= chunk * data.element_size()  # not the data's 16 MB
