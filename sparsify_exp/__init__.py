@@ -2,6 +2,7 @@
 and an experiment runner in :mod:`sparsify_exp.runner` (Hydra, MLflow), loaded only when run.
 """
 
+from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.masks import load_masks, save_masks
 from sparsify_exp.scheduler import (
     BaseDataScheduler,
@@ -21,6 +22,7 @@ from sparsify_exp.sparsifier import (
 __all__ = [
     "BaseDataScheduler",
     "BaseDataSparsifier",
+    "ConfigValueError",
     "ConstantScheduler",
     "CubicScheduler",
     "DataNormSparsifier",

@@ -249,10 +249,12 @@ def test_sweep_with_joblib_gives_one_parent_and_three_children(store, cli):
 
 
 def test_sweep_with_a_failing_job_marks_the_parent_failed(store, cli):
-    save_file({"w": torch.randn(4, 8)}, str(store.dir / "good.safetensors"))
-    (store.dir / "corrupt.pt").write_bytes(b"not a pickle")
+    (store.dir / "scores.py").write_text(
+        "def ok(data):\n    return {'names': len(data)}\n\n"
+        "def crash(data):\n    raise RuntimeError('scorer crashed')\n"
+    )
     proc = cli(
-        ["-m", "data=file", "data.path=good.safetensors,corrupt.pt", "eval=[]"],
+        ["-m", "eval=[task]", "eval.task.fn=scores.ok,scores.crash"],
         cwd=store.dir,
     )
     assert proc.returncode != 0
@@ -260,8 +262,8 @@ def test_sweep_with_a_failing_job_marks_the_parent_failed(store, cli):
     parent, children = find_sweep_runs(store.client, parent.info.run_id)
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     failed = next(c for c in children if c.info.status == "FAILED")
-    assert failed.data.tags["sparsify.failure"].startswith("ValueError: data.path=")
-    assert "weights_only=True" in failed.data.tags["sparsify.failure"]
+    assert failed.data.tags["sparsify.failure"].startswith("RuntimeError: evaluator 'task'")
+    assert "scorer crashed" in failed.data.tags["sparsify.failure"]
     assert parent.info.status == "FAILED"
     assert parent.data.tags["sparsify.jobs_failed"] == "1"
 
@@ -283,3 +285,12 @@ def test_mask_files_use_the_library_bit_layout(shape, tmp_path):
     assert torch.equal(load_file(str(path))["x.weight"], pack_mask(mask))
     assert torch.equal(load_masks(path)["x.weight"], mask)
     assert path.stat().st_size < 200 + mask.numel() // 8 + 1  # 1 bit an entry, plus header
+
+
+def test_unreadable_torch_file_is_a_config_error_before_any_run(store, cli):
+    (store.dir / "corrupt.pt").write_bytes(b"not a pickle")
+    proc = cli(["data=file", "data.path=corrupt.pt", "eval=[]"], cwd=store.dir)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "weights_only=True" in proc.stderr
+    assert store.runs() == []

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.scheduler.base import BaseDataScheduler
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 
@@ -24,13 +25,13 @@ Target = float | Mapping[str, float] | None
 
 def _check_number(label: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{label}={value!r}: must be a number")
+        raise ConfigValueError(label, value, "must be a number")
     return float(value)
 
 
 def _check_count(label: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{label}={value!r}: must be an integer >= {minimum}")
+        raise ConfigValueError(label, value, f"must be an integer >= {minimum}")
     return value
 
 
@@ -142,7 +143,7 @@ class StepScheduler(_TargetScheduler):
         self.step_size = _check_count("step_size", step_size, 1)
         self.gamma = _check_number("gamma", gamma)
         if self.gamma <= 0:
-            raise ValueError(f"gamma={gamma!r}: must be > 0")
+            raise ConfigValueError("gamma", gamma, "must be > 0")
         self.initial_value = (
             None if initial_value is None else _check_number("initial_value", initial_value)
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 
@@ -18,38 +19,38 @@ NORMS = ("L1", "L2")
 
 def _check_level(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"sparsity_level={value!r}: must be a number in [0, 1]")
+        raise ConfigValueError("sparsity_level", value, "must be a number in [0, 1]")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"sparsity_level={value!r}: must be in [0, 1]")
+        raise ConfigValueError("sparsity_level", value, "must be in [0, 1]")
     return float(value)
 
 
 def _check_block(value: Any) -> tuple[int, int]:
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        raise ValueError(
-            f"sparse_block_shape={value!r}: must be two positive integers (rows, cols), e.g. (1, 4)"
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise ConfigValueError(
+            "sparse_block_shape", value, "must have 2 entries (rows, cols), e.g. (1, 4)"
         )
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        raise ConfigValueError("sparse_block_shape", value, "every entry must be an integer >= 1")
     return (int(value[0]), int(value[1]))
 
 
 def _check_zeros(value: Any, block: tuple[int, int]) -> int:
     per_block = block[0] * block[1]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= per_block:
-        raise ValueError(
-            f"zeros_per_block={value!r}: must be an integer in [0, {per_block}] "
-            f"for sparse_block_shape={block}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigValueError("zeros_per_block", value, "must be an integer >= 0")
+    if value > per_block:
+        raise ConfigValueError(
+            "zeros_per_block",
+            value,
+            f"must be <= {per_block}, the entries of a {block[0]}x{block[1]} block",
         )
     return int(value)
 
 
 def _check_norm(value: Any) -> str:
     if value not in NORMS:
-        raise ValueError(f"norm={value!r}: must be one of {list(NORMS)}")
+        raise ConfigValueError("norm", value, f"must be one of: {', '.join(NORMS)}")
     return value
 
 
@@ -108,8 +109,8 @@ class DataNormSparsifier(BaseDataSparsifier):
             config["zeros_per_block"] = (
                 block[0] * block[1] if zeros is None else _check_zeros(zeros, block)
             )
-        except ValueError as error:
-            raise ValueError(f"data {name!r}: {error}") from None
+        except ConfigValueError as error:
+            raise error.for_name(name) from None
         return config
 
     def update_mask(  # type: ignore[override]

@@ -1,7 +1,9 @@
 """Data sources for the runner: each returns the named data to sparsify.
 
 A source is any callable (selected by ``_target_`` in ``conf/data/*.yaml``) that returns a
-:class:`DataBundle`. The sources shipped here:
+:class:`DataBundle`. Its signature is its schema: the runner validates a config against the
+annotations (pydantic types, ranges and validators) before anything is built. The sources
+shipped here:
 
 - :mod:`sparsify_exp.runner.data.tensors`    -- random tensors of configured names and shapes;
 - :mod:`sparsify_exp.runner.data.model`      -- the parameters of an ``nn.Module`` (default:
@@ -16,12 +18,34 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator, Field
 from torch import nn
 
-__all__ = ["DataBundle", "as_tensor", "select_names", "write_safetensors"]
+__all__ = [
+    "DataBundle",
+    "NonEmpty",
+    "as_tensor",
+    "select_names",
+    "unique_names",
+    "write_safetensors",
+]
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def unique_names(specs: list[Any]) -> list[Any]:
+    """A list of specs whose ``name`` fields are all different."""
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"names must be unique ({', '.join(duplicates)} repeated)")
+    return specs
+
+
+UniqueNames = AfterValidator(unique_names)
 
 
 @dataclass

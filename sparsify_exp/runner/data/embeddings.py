@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, validate_call
 from torch import nn
 
-from sparsify_exp.runner.data import DataBundle
+from sparsify_exp.runner.data import DataBundle, NonEmpty, UniqueNames
 
 
-def build(tables: Sequence[Mapping], seed: int = 0) -> DataBundle:
-    """``tables``: ``[{name, num_embeddings, embedding_dim, kind, mode}, ...]``.
+class TableSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: NonEmpty
+    kind: Literal["embedding", "embedding_bag"] = "embedding"
+    num_embeddings: Annotated[int, Field(ge=1)]
+    embedding_dim: Annotated[int, Field(ge=1)]
+    mode: Literal["sum", "mean", "max"] | None = None
 
-    ``kind`` is ``embedding`` or ``embedding_bag`` (``mode``: sum | mean | max). The modules
-    themselves are the named data, so evaluators can run them (``embedding_bag``).
+    @field_validator("mode")
+    @classmethod
+    def _bag_only(cls, mode: str | None, info: ValidationInfo) -> str | None:
+        if mode is not None and info.data.get("kind") == "embedding":
+            raise ValueError("only an embedding_bag has a mode")
+        return mode
+
+
+@validate_call
+def build(
+    tables: Annotated[list[TableSpec], Field(min_length=1), UniqueNames], seed: int = 0
+) -> DataBundle:
+    """``tables``: ``[{name, kind, num_embeddings, embedding_dim, mode}, ...]``.
+
+    The modules themselves are the named data, so evaluators can run them (``embedding_bag``).
     """
-    torch.manual_seed(int(seed))
+    torch.manual_seed(seed)
     named: dict[str, nn.Module] = {}
     for spec in tables:
-        num, dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
-        if spec.get("kind", "embedding") == "embedding_bag":
-            module: nn.Module = nn.EmbeddingBag(num, dim, mode=spec.get("mode") or "sum")
+        if spec.kind == "embedding_bag":
+            module: nn.Module = nn.EmbeddingBag(
+                spec.num_embeddings, spec.embedding_dim, mode=spec.mode or "sum"
+            )
         else:
-            module = nn.Embedding(num, dim)
-        named[str(spec["name"])] = module
+            module = nn.Embedding(spec.num_embeddings, spec.embedding_dim)
+        named[spec.name] = module
     return DataBundle(named_data=named, format="safetensors")

@@ -8,11 +8,12 @@ The sparsified data is written back in the input's format, the untouched entries
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator, ValidationInfo, validate_call
 
 from sparsify_exp.runner.data import DataBundle, select_names
 
@@ -34,6 +35,10 @@ def sparsifiable(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 1 and t.numel() > 0
 
 
+def format_list(values: list[str] | None) -> str:
+    return "[" + ", ".join(values or []) + "]"
+
+
 def list_names(path: str | Path) -> list[str]:
     """Names of the sparsifiable tensors in ``path`` (safetensors: header only, no data read)."""
     path = Path(path)
@@ -47,25 +52,65 @@ def list_names(path: str | Path) -> list[str]:
                 if sl.get_dtype().startswith(("F", "BF")) and len(sl.get_shape()) >= 1:
                     names.append(k)
             return names
-    return [n for n, t in _walk(_load_torch(path)) if sparsifiable(t)]
+    return [n for n, t in _walk(_load_torch(path, mmap=True)) if sparsifiable(t)]
 
 
-def _load_torch(path: Path) -> Any:
+def _load_torch(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: no code in the file runs. ``mmap`` maps the tensors
+    instead of reading them (for listing names; old non-zip files are read)."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors for custom classes
         raise ValueError(
-            f"data.path={path}: cannot load with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); save a plain "
+            f"{path}: cannot load with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); save a plain "
             "state_dict of tensors or convert the checkpoint to .safetensors"
         ) from e
 
 
+def _checkpoint(path: str) -> str:
+    """A readable checkpoint: a known suffix, and the file is there."""
+    p = Path(path).expanduser()
+    if p.suffix not in SUFFIXES:
+        raise ValueError(f"must end in one of: {', '.join(SUFFIXES)}")
+    if not p.is_file():
+        raise ValueError(f"no such file ({p if p.is_absolute() else Path.cwd() / p})")
+    try:
+        list_names(p)
+    except Exception as e:
+        raise ValueError(f"not readable: {e}") from e
+    return path
+
+
+def _selects_something(include: list[str], info: ValidationInfo) -> list[str]:
+    """The patterns select at least one floating tensor (read from the header or the file)."""
+    data = info.data or {}  # empty when build() itself is called: it checks as it loads
+    path, exclude = data.get("path"), data.get("exclude", ())
+    if path is None:
+        return include  # the path was reported
+    names = list_names(Path(path).expanduser())
+    if not select_names(names, include, exclude):
+        raise ValueError(
+            f"with data.exclude={format_list(exclude)} selects no floating tensor (available: "
+            f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+        )
+    return include
+
+
+@validate_call
 def build(
-    path: str,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    path: Annotated[str, AfterValidator(_checkpoint)],
+    *,
+    exclude: list[str] | None = None,
+    include: Annotated[list[str] | None, AfterValidator(_selects_something)] = None,
 ) -> DataBundle:
+    """The floating tensors of the checkpoint at ``path`` that ``include`` and ``exclude``
+    (glob patterns) select; the rest is written back unchanged."""
     p = Path(path).expanduser()
     if p.suffix in SAFETENSORS_SUFFIXES:
         from safetensors import safe_open

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,8 +12,8 @@ from sparsify_exp.runner.data import DataBundle, select_names
 
 def build(
     module: Any,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
     seed: int = 0,
 ) -> DataBundle:
     """Select ``module.named_parameters()`` by glob patterns (``net.*.weight``).
@@ -22,7 +21,7 @@ def build(
     ``module`` is an ``nn.Module`` or a config with ``_target_`` (the shipped YAML sets
     ``_recursive_: false`` so the module is built here, after seeding with ``seed``).
     """
-    torch.manual_seed(int(seed))
+    torch.manual_seed(seed)
     if not isinstance(module, nn.Module):
         from hydra.utils import instantiate
 

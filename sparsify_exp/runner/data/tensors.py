@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, validate_call
 
-from sparsify_exp.runner.data import DataBundle
+from sparsify_exp.runner.data import DataBundle, NonEmpty, UniqueNames
 
 DTYPES = {
     "float32": torch.float32,
@@ -16,20 +17,31 @@ DTYPES = {
 }
 
 
-def build(
-    tensors: Sequence[Mapping], dtype: str = "float32", seed: int = 0, init: str = "normal"
-) -> DataBundle:
-    """``tensors``: ``[{name: str, shape: [int, ...]}, ...]``; values drawn with ``seed``.
+def _positive(shape: list[int]) -> list[int]:
+    if any(s < 1 for s in shape):
+        raise ValueError("every entry must be >= 1")
+    return shape
 
-    ``init``: ``normal`` (standard normal) or ``uniform`` ([0, 1)).
-    """
-    gen = torch.Generator().manual_seed(int(seed))
-    named = {}
-    for spec in tensors:
-        shape = tuple(int(s) for s in spec["shape"])
-        if init == "uniform":
-            t = torch.rand(shape, generator=gen, dtype=torch.float32)
-        else:
-            t = torch.randn(shape, generator=gen, dtype=torch.float32)
-        named[str(spec["name"])] = t.to(DTYPES[dtype])
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: NonEmpty
+    shape: Annotated[list[int], Field(min_length=1), AfterValidator(_positive)]
+
+
+@validate_call
+def build(
+    tensors: Annotated[list[TensorSpec], Field(min_length=1), UniqueNames],
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = "float32",
+    seed: int = 0,
+    init: Literal["normal", "uniform"] = "normal",
+) -> DataBundle:
+    """``tensors``: ``[{name, shape}, ...]``, drawn with ``seed`` from a standard normal
+    (``init=normal``) or uniform in [0, 1) (``init=uniform``)."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.rand if init == "uniform" else torch.randn
+    named = {
+        spec.name: draw(tuple(spec.shape), generator=gen, dtype=torch.float32).to(DTYPES[dtype])
+        for spec in tensors
+    }
     return DataBundle(named_data=named, format="safetensors")
