@@ -4,9 +4,17 @@ the parent run created once (before launcher workers could race to), closed with
 Wired into Hydra by ``conf/config.yaml`` (``hydra.callbacks``); each job finds its parent
 through :data:`sparsify_exp.runner.tracking.PARENT_ENV`, or by the sweep folder tag when it runs
 on another machine. Works with any sweeper: Hydra's basic sweeper has its jobs expanded and
-validated up front; others (optuna, ...) have the overrides common to every job validated up
-front and each trial validated when it starts. :func:`objective` is what a job returns to a
-sweeper that optimizes.
+validated up front; a sweeper that picks its own values (``hydra/sweeper=optuna``, ...) has a
+sample of the jobs it could launch validated up front (each choice, a range's first and last
+values, an interval's ends) and each trial validated when it starts. :func:`objective` is what
+a job returns to a sweeper that optimizes; the sweeper's ``optimization_results.yaml``, when it
+writes one, goes to the parent run's ``report/`` with the sweep report.
+
+An optuna search (hydra-optuna-sweeper; ``+`` adds keys to the empty ``objective.max``)::
+
+    python -m sparsify_exp -m hydra/sweeper=optuna hydra.sweeper.n_trials=20 \
+        hydra.sweeper.direction=maximize 'sparsifier.sparsity_level=interval(0.05,0.99)' \
+        '+objective.max={fidelity/rel_error: 0.5}'
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.config import ConfigError, format_value, validate
@@ -33,11 +42,27 @@ log = logging.getLogger("sparsify_exp.runner")
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
+#: At most this many sampled jobs of a sweeper that picks its own values are validated as
+#: every combination of the sampled values; beyond, each sampled value is used at least once.
+MAX_SAMPLED_JOBS = 32
+
+#: Where optimizing sweepers keep their trial budget (the parent run's ``sparsify.jobs``):
+#: optuna, nevergrad, ax.
+TRIAL_BUDGET_KEYS = (
+    "hydra.sweeper.n_trials",
+    "hydra.sweeper.optim.budget",
+    "hydra.sweeper.ax_config.max_trials",
+)
+
+#: What an optimizing sweeper may write to the sweep dir (optuna, nevergrad and ax do).
+RESULTS_FILE = "optimization_results.yaml"
+
 
 @dataclass
 class _Sweep:
     uri: str
     run_id: str
+    sweep_dir: str
     prev_env: str | None
 
 
@@ -45,21 +70,60 @@ _ACTIVE_SWEEP: _Sweep | None = None
 
 
 def expand_jobs(config: DictConfig) -> tuple[list[list[str]], bool]:
-    """``(override lists, complete)``: every job of a basic sweep (``complete``), else the one
-    list of overrides that every job shares (the sweeper picks the swept values itself)."""
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(args)
+    """``(override lists, complete)`` of a sweep's (multirun) config.
+
+    Hydra's basic sweeper: every job, as it will launch them (``complete``; the cartesian
+    product of ``hydra.sweeper.params`` and the command line, the later of two overrides of a
+    key winning). A sweeper that picks its own values: a sample of the jobs it could launch,
+    from each swept key's choices, a range's first and last values, an interval's ends (every
+    combination up to :data:`MAX_SAMPLED_JOBS` jobs, else each value at least once); no job
+    when a ``hydra.sweeper.params`` value is in the sweeper's own (non-string) syntax.
+    Raises on an override Hydra cannot parse or expand.
+    """
     basic = OmegaConf.select(config, "hydra.sweeper._target_", default="") == BASIC_SWEEPER
-    if not basic or any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
-        return [[o.input_line for o in parsed if not o.is_sweep_override()]], False
-    choices = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-        if o.is_sweep_override()
-        else [o.input_line]
-        for o in parsed
-    ]
-    return [list(job) for job in itertools.product(*choices)], True
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    if not basic and any(isinstance(v, (DictConfig, ListConfig)) for v in params.values()):
+        return [], False
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create(config_loader=_config_loader()).parse_overrides(args)
+    by_key: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            values = [o.get_value_element_as_str()]
+        elif basic and not o.is_discrete_sweep():
+            raise ValueError(f"the basic sweeper cannot sweep {o.input_line}")
+        else:
+            values = list(o.sweep_string_iterator()) if basic else _sample_values(o)
+        by_key[key] = [f"{key}={v}" for v in values]
+    lists = list(by_key.values())
+    if basic or math.prod(len(v) for v in lists) <= MAX_SAMPLED_JOBS:
+        return [list(job) for job in itertools.product(*lists)], basic
+    width = max(len(v) for v in lists)
+    return [[v[i % len(v)] for v in lists] for i in range(width)], False
+
+
+def _sample_values(override: Override) -> list[str]:
+    """Values a sweeper could give a swept key: every choice, a range's first and last
+    values, an interval's ends (integers when tagged ``int``)."""
+    if override.is_discrete_sweep():
+        values = list(override.sweep_string_iterator())
+        return (
+            values if override.is_choice_sweep() else list(dict.fromkeys(values[:1] + values[-1:]))
+        )
+    if override.is_interval_sweep():
+        iv = override.value()
+        as_type = int if "int" in iv.tags else float
+        return [str(as_type(iv.start)), str(as_type(iv.end))]
+    raise ValueError(f"cannot sample the values of {override.input_line}")
+
+
+def _config_loader() -> Any:
+    """Hydra's config loader while Hydra runs (it expands ``glob(...)`` group sweeps)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    return gh.config_loader() if gh.is_initialized() else None
 
 
 class SweepCallback(Callback):
@@ -94,7 +158,7 @@ def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
         jobs, complete = expand_jobs(config)
     except Exception as e:  # Hydra reports bad override syntax itself, later
         log.debug("could not expand the sweep: %s", e)
-        return [], False
+        jobs, complete = [], False
     problems: list[str] = []
     config_name = OmegaConf.select(config, "hydra.job.config_name", default=None) or "config"
     for overrides in jobs:
@@ -104,11 +168,100 @@ def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
             problems.append(f"{' '.join(overrides)}: {str(e).splitlines()[0]}")
             continue
         problems.extend(validate(job_cfg))
+        problems.extend(objective_problems(job_cfg))
+    if not jobs:
+        problems.extend(objective_problems(config))
+    problems.extend(_sweeper_problems(config))
     if problems:
         sys.stderr.write(ConfigError(list(dict.fromkeys(problems))).report() + "\n")
+        if jobs and not complete:
+            sys.stderr.write(
+                f"(checked {len(jobs)} job(s) the sweeper could launch: each choice, a range's "
+                "first and last values, an interval's ends)\n"
+            )
         sys.stderr.flush()
         raise SystemExit(2)  # not an Exception: Hydra would turn that into a warning
+    for warning in _objective_warnings(config):
+        log.warning("%s", warning)
     return jobs, complete
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def objective_problems(cfg: DictConfig) -> list[str]:
+    """The ``objective`` node's problems, one line each (a job of a sweep returns
+    :func:`objective`, so a bad node would fail every job once its run is done)."""
+    try:
+        spec = OmegaConf.to_container(cfg.objective, resolve=True) if "objective" in cfg else {}
+    except Exception as e:
+        return [f"objective: {str(e).splitlines()[0]}"]
+    if not isinstance(spec, Mapping):
+        return [f"objective={format_value(spec)}: must be a mapping (metric, max, infeasible)"]
+    problems = []
+    metric = spec.get("metric", tr.SPARSITY_KEY)
+    if not isinstance(metric, str) or not metric.strip():
+        problems.append(f"objective.metric={format_value(metric)}: must be a metric name")
+    bounds = spec.get("max") or {}
+    if not isinstance(bounds, Mapping):
+        problems.append(
+            f"objective.max={format_value(bounds)}: must map metric names to bounds, e.g. "
+            "'+objective.max={fidelity/rel_error: 0.3}'"
+        )
+    else:
+        problems.extend(
+            f"objective.max.{k}={format_value(v)}: must be a number"
+            for k, v in bounds.items()
+            if not _is_number(v)
+        )
+    infeasible = spec.get("infeasible", -1.0)
+    if not _is_number(infeasible):
+        problems.append(f"objective.infeasible={format_value(infeasible)}: must be a number")
+    return problems
+
+
+def _direction(config: DictConfig) -> Any:
+    """``hydra.sweeper.direction`` as a string, or a list of them (None if not set)."""
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+    if isinstance(direction, ListConfig):
+        return [str(getattr(d, "name", d)) for d in direction]
+    return None if direction is None else str(getattr(direction, "name", direction))
+
+
+def _sweeper_problems(config: DictConfig) -> list[str]:
+    direction = _direction(config)
+    if isinstance(direction, list) and len(direction) != 1:
+        return [
+            f"hydra.sweeper.direction={format_value(direction)}: a job returns one value "
+            "(objective.metric); give one direction"
+        ]
+    return []
+
+
+def _objective_warnings(config: DictConfig) -> list[str]:
+    """Likely mistakes of an optimizing sweep: minimizing sparsity, or infeasible trials
+    ranked best."""
+    direction = _direction(config)
+    if isinstance(direction, list):
+        direction = direction[0] if direction else None
+    if direction is None or not str(direction).endswith("minimize") or "objective" not in config:
+        return []
+    spec = config.objective
+    out = []
+    if str(spec.get("metric", tr.SPARSITY_KEY)) == tr.SPARSITY_KEY:
+        out.append(
+            f"the sweeper minimizes objective.metric={tr.SPARSITY_KEY} (the least sparse data "
+            "wins): give hydra.sweeper.direction=maximize, or another objective.metric"
+        )
+    infeasible = spec.get("infeasible", -1.0)
+    if spec.get("max") and _is_number(infeasible) and infeasible <= 0:
+        out.append(
+            f"objective.infeasible={format_value(infeasible)} (returned when a bound of "
+            "objective.max is broken) ranks such trials best when minimizing: set it above "
+            "every feasible value, e.g. objective.infeasible=1e9"
+        )
+    return out
 
 
 def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
@@ -121,8 +274,9 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
     sweep_dir = str(absolute_under(launch, config.hydra.sweep.dir))
     overrides = " ".join(config.hydra.overrides.task)
-    if n_jobs is None:
-        n_jobs = OmegaConf.select(config, "hydra.sweeper.n_trials", default=None)
+    for key in TRIAL_BUDGET_KEYS:
+        if n_jobs is None:
+            n_jobs = OmegaConf.select(config, key, default=None)
     choices = OmegaConf.to_container(config.hydra.runtime.choices)
     tags = {
         **{
@@ -147,7 +301,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     )
     prev = os.environ.get(tr.PARENT_ENV)
     os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
-    _ACTIVE_SWEEP = _Sweep(uri, run_id, prev)
+    _ACTIVE_SWEEP = _Sweep(uri, run_id, sweep_dir, prev)
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
         run_id,
@@ -159,17 +313,28 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
 
 def objective(cfg: DictConfig, run_id: str) -> float:
     """What a job returns to an optimizing sweeper: the run's last ``objective.metric``, or
-    ``objective.infeasible`` when a metric in ``objective.max`` ended above its bound."""
+    ``objective.infeasible`` when a metric in ``objective.max`` ended above its bound (or is
+    missing: a warning names it). NaN when the run has no ``objective.metric`` (optuna then
+    marks the trial failed)."""
     from mlflow.tracking import MlflowClient
 
     spec: Mapping[str, Any] = cfg.get("objective") or {}
     uri = tr.resolve_tracking_uri(cfg.mlflow.tracking_uri, _launch_dir())
     metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
-    value = metrics.get(str(spec.get("metric", tr.SPARSITY_KEY)), math.nan)
-    for key, bound in (spec.get("max") or {}).items():
-        if not metrics.get(str(key), math.inf) <= float(bound):
+    metric = str(spec.get("metric", tr.SPARSITY_KEY))
+    bounds = {str(k): float(v) for k, v in (spec.get("max") or {}).items()}
+    missing = [k for k in (metric, *bounds) if k not in metrics]
+    if missing:
+        log.warning(
+            "objective: run %s has no metric %s (it has: %s)",
+            run_id,
+            ", ".join(missing),
+            ", ".join(sorted(metrics)) or "none",
+        )
+    for key, bound in bounds.items():
+        if not metrics.get(key, math.inf) <= bound:
             return float(spec.get("infeasible", -1.0))
-    return float(value)
+    return float(metrics.get(metric, math.nan))
 
 
 def _launch_dir() -> Path:
@@ -188,6 +353,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         return
     from mlflow.tracking import MlflowClient
 
+    from sparsify_exp.runner.report import ARTIFACT_DIR as REPORT_DIR
     from sparsify_exp.runner.report import write_sweep_report
 
     if sweep.prev_env is None:
@@ -205,6 +371,9 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
             log.info("sweep report logged to parent run %s", sweep.run_id)
         except Exception as e:
             log.warning("sweep report for parent run %s failed: %s", sweep.run_id, e)
+        results = Path(sweep.sweep_dir) / RESULTS_FILE
+        if results.is_file():
+            client.log_artifact(sweep.run_id, str(results), artifact_path=REPORT_DIR)
         if aborted is not None or failed:
             reason = (
                 f"{failed} of {len(children)} jobs did not finish"
