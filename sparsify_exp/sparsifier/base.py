@@ -18,8 +18,8 @@ import keyword
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -38,7 +38,8 @@ __all__ = [
 EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 SUPPORTED_TYPES = (torch.Tensor, nn.Parameter, *EMBEDDING_TYPES)
 
-# state_dict keys of parametrized data, as torch's reference writes them
+# top-level state_dict keys, and the keys of parametrized data, as torch's reference writes them
+_STATE, _DATA_GROUPS, _CONTAINER = "state", "data_groups", "_container"
 _PARAMETRIZED_PREFIX = "parametrizations."
 _PARAMETRIZED_SUFFIX = ".original"
 # attribute names torch's parametrize machinery adds to the container
@@ -274,9 +275,9 @@ class BaseDataSparsifier(abc.ABC):
         once squashed), as torch's reference does; names may contain dots.
         """
         return {
-            "state": self._packed_state(),
-            "data_groups": copy.deepcopy(self.data_groups),
-            "_container": self._container_data(),
+            _STATE: self._packed_state(),
+            _DATA_GROUPS: copy.deepcopy(self.data_groups),
+            _CONTAINER: self._container_data(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -284,35 +285,22 @@ class BaseDataSparsifier(abc.ABC):
 
         ``strict=True`` replaces everything this sparsifier held; ``strict=False`` keeps the
         names the state_dict does not mention. Accepts the masks as packed bits, dense
-        tensors or sparse COO tensors (torch's reference format).
-        """
-        missing = [k for k in ("state", "data_groups", "_container") if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"state_dict is missing {missing}; expected the keys 'state', "
-                "'data_groups' and '_container' written by state_dict()"
-            )
-        states = state_dict["state"]
-        data_groups = state_dict["data_groups"]
-        container = state_dict["_container"]
-        problems = []
-        for name in states:
-            if name not in data_groups:
-                problems.append(f"{name!r} has a state but no entry in 'data_groups'")
-            elif (
-                name not in container
-                and f"{_PARAMETRIZED_PREFIX}{name}{_PARAMETRIZED_SUFFIX}" not in container
-            ):
-                problems.append(f"{name!r} has no data in '_container'")
-        if problems:
-            raise ValueError("cannot load state_dict: " + "; ".join(problems))
+        tensors or sparse COO tensors (torch's reference format; its masks of 1-D data are
+        ``(1, N)`` and are reshaped to the data's shape).
 
+        Everything is checked before anything changes, so a bad checkpoint fails here, with
+        one ``ValueError`` naming each bad key, and leaves the sparsifier as it was, instead
+        of failing later in ``step()`` or ``squash_mask()``: every name needs a config, a
+        state and a tensor in ``_container``; every mask must match its data's shape; every
+        ``_container`` key must belong to a name; configs must pass ``validate_config``.
+        """
+        entries = self._check_state_dict(state_dict)
         if strict:
             self._reset()
-        for name, state in states.items():
+        for name, entry in entries.items():
             if name in self.data_groups:
                 self._remove(name)
-            self._restore(name, copy.deepcopy(state), copy.deepcopy(data_groups[name]), container)
+            self._restore(name, entry)
 
     def __getstate__(self) -> dict[str, Any]:
         state = {
@@ -333,8 +321,11 @@ class BaseDataSparsifier(abc.ABC):
         data_groups = state.pop("data_groups")
         self.__dict__.update(state)
         self._reset()
-        for name, entry in states.items():
-            self._restore(name, entry, data_groups[name], container)
+        entries = self._check_state_dict(
+            {_STATE: states, _DATA_GROUPS: data_groups, _CONTAINER: container}
+        )
+        for name, entry in entries.items():
+            self._restore(name, entry)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -436,35 +427,181 @@ class BaseDataSparsifier(abc.ABC):
         for name, key in self._keys.items():
             if name in self._live:
                 tensor = self._live[name]
-                out[f"{_PARAMETRIZED_PREFIX}{name}{_PARAMETRIZED_SUFFIX}"] = tensor.detach()
+                out[_parametrized_key(name)] = tensor.detach()
             else:
                 out[name] = getattr(self._container, key).detach()
         return out
 
-    def _restore(
+    def _check_state_dict(self, state_dict: Any) -> dict[str, _Entry]:
+        """Every name's data, mask, state and config, checked, converted and ready to apply
+        (``self`` untouched); raises one ``ValueError`` listing every problem, by key."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a dict; got {type(state_dict).__name__}")
+        missing = [k for k in (_STATE, _DATA_GROUPS, _CONTAINER) if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"state_dict is missing {missing}; expected the keys 'state', "
+                "'data_groups' and '_container' written by state_dict()"
+            )
+        for key in (_STATE, _DATA_GROUPS, _CONTAINER):
+            if not isinstance(state_dict[key], Mapping):
+                raise ValueError(
+                    f"state_dict[{key!r}]: must be a dict keyed by data name; "
+                    f"got {type(state_dict[key]).__name__}"
+                )
+        states = state_dict[_STATE]
+        data_groups = state_dict[_DATA_GROUPS]
+        container = state_dict[_CONTAINER]
+
+        problems: list[str] = []
+        entries: dict[str, _Entry] = {}
+        for name, state in states.items():
+            entry = self._check_entry(name, state, data_groups, container, problems)
+            if entry is not None:
+                entries[name] = entry
+        problems.extend(
+            f"state_dict['data_groups'][{name!r}]: has no state in state_dict['state']"
+            for name in data_groups
+            if name not in states
+        )
+        owned = {key for name in states for key in (name, _parametrized_key(name))}
+        problems.extend(
+            f"state_dict['_container'][{key!r}]: belongs to no data name in state_dict['state']"
+            for key in container
+            if key not in owned
+        )
+        if problems:
+            if len(problems) == 1:
+                raise ValueError(problems[0])
+            raise ValueError(
+                f"cannot load state_dict, {len(problems)} problems: " + "; ".join(problems)
+            )
+        return entries
+
+    def _check_entry(
         self,
-        name: str,
-        state: dict[str, Any],
-        config: dict[str, Any],
-        container: dict[str, torch.Tensor],
-    ) -> None:
-        parametrized_key = f"{_PARAMETRIZED_PREFIX}{name}{_PARAMETRIZED_SUFFIX}"
-        parametrized = parametrized_key in container
-        data = container[parametrized_key] if parametrized else container[name]
-        mask = state.get("mask")
-        shape = state.pop("mask_shape", None)
-        if mask is None:
-            mask = new_mask(data.shape, data.device)
-        elif shape is not None:
-            mask = to_mask(unpack_mask(mask, shape, device=data.device))
+        name: Any,
+        state: Any,
+        data_groups: Mapping[str, Any],
+        container: Mapping[str, Any],
+        problems: list[str],
+    ) -> _Entry | None:
+        """One name's entry, or ``None`` with the reasons appended to ``problems``."""
+        where = f"state_dict['state'][{name!r}]"
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}: a data name must be a non-empty string")
+            return None
+        if not isinstance(state, Mapping):
+            problems.append(f"{where}: must be a dict (with a 'mask'); got {type(state).__name__}")
+            return None
+        count = len(problems)
+
+        config = data_groups.get(name)
+        if config is None:
+            problems.append(f"{where}: {name!r} has no entry in state_dict['data_groups']")
+        elif not isinstance(config, Mapping):
+            problems.append(
+                f"state_dict['data_groups'][{name!r}]: must be a dict; got {type(config).__name__}"
+            )
         else:
-            mask = mask.to_dense() if mask.layout != torch.strided else mask
-            mask = self._as_mask(name, mask, data)
+            try:
+                config = self.validate_config(name, copy.deepcopy(dict(config)))
+            except (ValueError, TypeError) as error:
+                problems.append(f"state_dict['data_groups'][{name!r}]: {error}")
+
+        parametrized = _parametrized_key(name) in container
+        key = _parametrized_key(name) if parametrized else name
+        data = container.get(key)
+        if data is None:
+            problems.append(
+                f"state_dict['_container']: no data for {name!r} (expected the key "
+                f"{_parametrized_key(name)!r} or, once squashed, {name!r})"
+            )
+            return None
+        if not isinstance(data, torch.Tensor) or data.layout != torch.strided:
+            what = type(data).__name__ if not isinstance(data, torch.Tensor) else data.layout
+            problems.append(
+                f"state_dict['_container'][{key!r}]: must be a dense tensor; got {what}"
+            )
+            return None
+
+        mask = _checked_mask(name, state, data, problems)
+        if len(problems) > count:
+            return None
+        rest = {k: copy.deepcopy(v) for k, v in state.items() if k not in ("mask", "mask_shape")}
+        return _Entry(data, mask, parametrized, rest, config)
+
+    def _restore(self, name: str, entry: _Entry) -> None:
         key = self._key_for(name)
-        self._register(key, data, mask if parametrized else None)
+        self._register(key, entry.data, entry.mask if entry.parametrized else None)
         self._keys[name] = key
-        if parametrized:
-            self._live[name] = data
-        state["mask"] = mask
-        self.state[name] = state
-        self.data_groups[name] = config
+        if entry.parametrized:
+            self._live[name] = entry.data
+        self.state[name] = {**entry.state, "mask": entry.mask}
+        self.data_groups[name] = entry.config
+
+
+class _Entry(NamedTuple):
+    """A checked state_dict entry: what :meth:`BaseDataSparsifier._restore` registers."""
+
+    data: torch.Tensor
+    mask: torch.Tensor
+    parametrized: bool
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def _parametrized_key(name: str) -> str:
+    return f"{_PARAMETRIZED_PREFIX}{name}{_PARAMETRIZED_SUFFIX}"
+
+
+def _shape_text(shape: Iterable[int]) -> str:
+    return str(tuple(int(size) for size in shape))
+
+
+def _squeezed(shape: Iterable[int]) -> tuple[int, ...]:
+    """``shape`` without its size-1 dims: torch's reference masks differ from data only so."""
+    return tuple(int(size) for size in shape if size != 1)
+
+
+def _checked_mask(
+    name: str, state: Mapping[str, Any], data: torch.Tensor, problems: list[str]
+) -> torch.Tensor | None:
+    """The ``bool`` mask of ``state`` on the data's device (a new tensor, never the
+    state_dict's), or ``None`` with the reasons appended to ``problems``."""
+    where = f"state_dict['state'][{name!r}]['mask']"
+    mask = state.get("mask")
+    shape = state.get("mask_shape")
+    if mask is None:
+        return new_mask(data.shape, data.device)
+    if not isinstance(mask, torch.Tensor):
+        problems.append(f"{where}: must be a tensor; got {type(mask).__name__}")
+        return None
+    mismatch = f"does not match data {name!r} of shape {_shape_text(data.shape)}"
+    if shape is not None:  # packed bits, as state_dict() writes them
+        if not isinstance(shape, Sequence) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape
+        ):
+            problems.append(
+                f"state_dict['state'][{name!r}]['mask_shape']: must be a tuple of sizes; "
+                f"got {shape!r}"
+            )
+            return None
+        if tuple(shape) != tuple(data.shape):
+            problems.append(f"{where}: shape {_shape_text(shape)} {mismatch}")
+            return None
+        try:
+            return to_mask(unpack_mask(mask, shape, device=data.device))
+        except ValueError as error:
+            problems.append(f"{where}: {error}")
+            return None
+    if mask.dtype.is_complex:
+        problems.append(f"{where}: dtype {mask.dtype} is not a mask dtype (bool, int or float)")
+        return None
+    if tuple(mask.shape) != tuple(data.shape) and _squeezed(mask.shape) != _squeezed(data.shape):
+        problems.append(f"{where}: shape {_shape_text(mask.shape)} {mismatch}")
+        return None
+    mask = mask.to_dense() if mask.layout != torch.strided else mask
+    # `!= 0` makes a new bool tensor: the loaded mask never aliases the state_dict's
+    keep = mask.to(data.device) != 0
+    return to_mask(keep.reshape(data.shape))
