@@ -9,7 +9,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sparsify_exp.runner import compose_config
-from sparsify_exp.runner.sweep import MAX_SAMPLED_JOBS, expand_jobs, objective_problems
+from sparsify_exp.runner.config import validate
+from sparsify_exp.runner.sweep import MAX_SAMPLED_JOBS, expand_jobs
 from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
 
 OPTUNA = ["hydra/sweeper=optuna"]
@@ -117,16 +118,16 @@ def test_other_sweeper_with_its_own_param_syntax_skips_up_front_jobs():
     assert expand_jobs(cfg) == ([], False)
 
 
-def test_objective_problems_name_each_bad_entry():
+def test_objective_node_problems_are_config_errors():
     good = compose_config(["+objective.max={fidelity/rel_error: 0.5}"])
-    assert objective_problems(good) == []
-    bad = compose_config(["objective.metric=''", "objective.infeasible=low"])
-    with open_dict(bad):
-        bad.objective.max = {"fidelity/rel_error": "high"}
-    assert objective_problems(bad) == [
-        "objective.metric='': must be a metric name",
-        "objective.max.fidelity/rel_error=high: must be a number",
+    assert validate(good) == []
+    bad = compose_config(
+        ["objective.metric=''", "objective.infeasible=low", "+objective.max={a/b: high}"]
+    )
+    assert sorted(validate(bad)) == [
         "objective.infeasible=low: must be a number",
+        "objective.max.a/b=high: must be a number",
+        "objective.metric='': must not be empty",
     ]
 
 

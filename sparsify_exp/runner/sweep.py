@@ -168,9 +168,6 @@ def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
             problems.append(f"{' '.join(overrides)}: {str(e).splitlines()[0]}")
             continue
         problems.extend(validate(job_cfg))
-        problems.extend(objective_problems(job_cfg))
-    if not jobs:
-        problems.extend(objective_problems(config))
     problems.extend(_sweeper_problems(config))
     if problems:
         sys.stderr.write(ConfigError(list(dict.fromkeys(problems))).report() + "\n")
@@ -181,44 +178,7 @@ def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
             )
         sys.stderr.flush()
         raise SystemExit(2)  # not an Exception: Hydra would turn that into a warning
-    for warning in _objective_warnings(config):
-        log.warning("%s", warning)
     return jobs, complete
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def objective_problems(cfg: DictConfig) -> list[str]:
-    """The ``objective`` node's problems, one line each (a job of a sweep returns
-    :func:`objective`, so a bad node would fail every job once its run is done)."""
-    try:
-        spec = OmegaConf.to_container(cfg.objective, resolve=True) if "objective" in cfg else {}
-    except Exception as e:
-        return [f"objective: {str(e).splitlines()[0]}"]
-    if not isinstance(spec, Mapping):
-        return [f"objective={format_value(spec)}: must be a mapping (metric, max, infeasible)"]
-    problems = []
-    metric = spec.get("metric", tr.SPARSITY_KEY)
-    if not isinstance(metric, str) or not metric.strip():
-        problems.append(f"objective.metric={format_value(metric)}: must be a metric name")
-    bounds = spec.get("max") or {}
-    if not isinstance(bounds, Mapping):
-        problems.append(
-            f"objective.max={format_value(bounds)}: must map metric names to bounds, e.g. "
-            "'+objective.max={fidelity/rel_error: 0.3}'"
-        )
-    else:
-        problems.extend(
-            f"objective.max.{k}={format_value(v)}: must be a number"
-            for k, v in bounds.items()
-            if not _is_number(v)
-        )
-    infeasible = spec.get("infeasible", -1.0)
-    if not _is_number(infeasible):
-        problems.append(f"objective.infeasible={format_value(infeasible)}: must be a number")
-    return problems
 
 
 def _direction(config: DictConfig) -> Any:
@@ -237,31 +197,6 @@ def _sweeper_problems(config: DictConfig) -> list[str]:
             "(objective.metric); give one direction"
         ]
     return []
-
-
-def _objective_warnings(config: DictConfig) -> list[str]:
-    """Likely mistakes of an optimizing sweep: minimizing sparsity, or infeasible trials
-    ranked best."""
-    direction = _direction(config)
-    if isinstance(direction, list):
-        direction = direction[0] if direction else None
-    if direction is None or not str(direction).endswith("minimize") or "objective" not in config:
-        return []
-    spec = config.objective
-    out = []
-    if str(spec.get("metric", tr.SPARSITY_KEY)) == tr.SPARSITY_KEY:
-        out.append(
-            f"the sweeper minimizes objective.metric={tr.SPARSITY_KEY} (the least sparse data "
-            "wins): give hydra.sweeper.direction=maximize, or another objective.metric"
-        )
-    infeasible = spec.get("infeasible", -1.0)
-    if spec.get("max") and _is_number(infeasible) and infeasible <= 0:
-        out.append(
-            f"objective.infeasible={format_value(infeasible)} (returned when a bound of "
-            "objective.max is broken) ranks such trials best when minimizing: set it above "
-            "every feasible value, e.g. objective.infeasible=1e9"
-        )
-    return out
 
 
 def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
