@@ -77,7 +77,7 @@ def make_sweep(tracking_uri: str, failed: bool = False) -> tuple[mlflow.MlflowCl
         status = "FINISHED"
         if failed and i == len(BLOCKS) * len(LEVELS) - 1:
             status = "FAILED"
-            client.set_tag(run.info.run_id, "sparsify.error", "ValueError: boom")
+            client.set_tag(run.info.run_id, "sparsify.failure", "ValueError: boom")
         client.set_terminated(run.info.run_id, status)
         expected[run.info.run_id] = (block, level, metrics, status)
     return client, parent.info.run_id, expected
@@ -100,24 +100,26 @@ def _assert_png(path: Path) -> None:
     assert img.std() > 0.01  # not a blank canvas
 
 
-def test_parse_overrides_forms():
-    want = {"sparsifier.sparse_block_shape": "[1,4]", "sparsifier.sparsity_level": "0.5"}
-    assert (
-        rep.parse_overrides("sparsifier.sparse_block_shape=[1,4] sparsifier.sparsity_level=0.5")
-        == want
-    )
-    assert (
-        rep.parse_overrides(
-            '["sparsifier.sparse_block_shape=[1,4]", "sparsifier.sparsity_level=0.5"]'
-        )
-        == want
-    )
-    assert (
-        rep.parse_overrides("sparsifier.sparse_block_shape=[1,4],sparsifier.sparsity_level=0.5")
-        == want
-    )
-    assert rep.parse_overrides("+x=1 ~y=2") == {"x": "1", "y": "2"}
-    assert rep.parse_overrides("") == {}
+def test_parse_overrides_reads_the_runner_tag():
+    # tag sparsify.overrides: the job's Hydra overrides joined by single spaces (job.py)
+    overrides = [
+        "sparsifier.sparse_block_shape=[1,4]",
+        "sparsifier.sparsity_level=0.5",
+        "eval=[fidelity, embedding_bag]",
+        "mlflow.run_name='a b'",
+        "+x=1",
+        "++y=[[1, 2], [3]]",
+        "~z",
+    ]
+    assert rep.parse_overrides(" ".join(overrides)) == {
+        "sparsifier.sparse_block_shape": "[1,4]",
+        "sparsifier.sparsity_level": "0.5",
+        "eval": "[fidelity, embedding_bag]",
+        "mlflow.run_name": "'a b'",
+        "x": "1",
+        "y": "[[1, 2], [3]]",
+    }
+    assert rep.parse_overrides("") == {} and rep.parse_overrides(None) == {}
 
 
 @pytest.mark.parametrize(
@@ -211,7 +213,7 @@ def test_report_of_sweep_without_varied_options(store, tmp_path):
     client.log_metric(run.info.run_id, "task/accuracy/dense", 0.9)
     client.set_terminated(run.info.run_id)
     report = rep.build_sweep_report(client, parent.info.run_id, tmp_path / "r")
-    assert [r.quality for r in report.rows] == [
+    assert report.table[report.quality_keys].to_dict("records") == [
         {"task/accuracy/sparse": 0.7, "task/accuracy/dense": 0.9}
     ]
     md = (tmp_path / "r" / "sweep_report.md").read_text()

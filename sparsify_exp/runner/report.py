@@ -1,89 +1,55 @@
 """Sweep reports: which level should I pick?
 
-At the end of a multirun the runner calls :func:`write_sweep_report` on the sweep's parent
-run; it reads the child runs back from the tracking store and logs to the parent, under
-``report/``:
+At the end of a multirun the runner logs to the sweep's parent run, under ``report/``, a table
+of its jobs (``sweep_report.csv`` / ``.md``: the varied overrides, the sparsity reached, each
+quality metric, dense and compressed size), ``quality_vs_sparsity.png`` (a panel a quality metric,
+a line a value of the varied options other than the level, e.g. one per block shape) and
+``size_vs_sparsity.png``. ``python -m sparsify_exp.report --experiment NAME`` rebuilds it later.
 
-* ``sweep_report.csv`` / ``sweep_report.md`` -- one row a job: its overrides (the varied ones
-  as columns too), the sparsity reached, each quality metric, dense and compressed size;
-* ``quality_vs_sparsity.png`` -- one panel per quality metric, one line per value of the
-  varied options other than the level (e.g. one per block shape);
-* ``size_vs_sparsity.png`` -- compressed size (and the dense size, dashed) against sparsity.
-
-The same report can be rebuilt from the store later, e.g. for a sweep that ran on a cluster::
-
-    python -m sparsify_exp.report --experiment NAME [--parent RUN_ID] [--tracking-uri URI]
-
-Which metrics are "quality": every metric whose first segment names an evaluator of the run
-(tag ``sparsify.evaluators``) or a shipped one (``fidelity``, ``embedding_bag``, ``task``),
-except per-name breakdowns -- a key that extends another logged key (``fidelity/rel_error/emb``
-extends ``fidelity/rel_error``). The user's own measures come first in the table.
+"Quality" metrics: those whose first segment names an evaluator of the runs (tag
+``sparsify.evaluators``) or a shipped one, except per-name breakdowns -- a key extending another
+logged key (``fidelity/rel_error/emb`` extends ``fidelity/rel_error``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import csv
-import json
 import math
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import Run, ViewType
+import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sparsify_exp.runner import tracking as tr
+from sparsify_exp.runner.tracking import COMPRESSED_BYTES_KEY, DENSE_BYTES_KEY, SPARSITY_KEY
 
 __all__ = ["SweepReport", "build_sweep_report", "main", "write_sweep_report"]
 
-SPARSITY_KEY = "sparsity/overall"
-DENSE_BYTES_KEY = "size/dense_bytes"
-COMPRESSED_BYTES_KEY = "size/compressed_bytes"
-EVALUATORS_TAG = "sparsify.evaluators"
-SWEEP_TAG = "sparsify.sweep"
-PARENT_TAG = "mlflow.parentRunId"
-# where a run's command-line overrides may be found, most specific first
-OVERRIDE_TAGS = ("sparsify.overrides", "hydra.overrides", "overrides")
-ERROR_TAGS = ("sparsify.failure", "sparsify.error", "mlflow.note.content")
 DEFAULT_EVALUATORS = ("fidelity", "embedding_bag", "task")
-# varied keys that set the level: they become the x axis (sparsity reached), not a line
+# varied keys that set the level: the x axis (through the sparsity reached), not a line
 LEVEL_KEY_PATTERN = re.compile(
     r"(^|\.)(sparsity_level|level|target_sparsity)$|^schedule\.(.*\.)?(target|initial_value)$"
 )
+COMPRESSION_KEY = "size/compression"
+SIZE_KEYS = (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY, COMPRESSION_KEY)
 ARTIFACT_DIR = "report"
 MAX_PANELS = 9
 
 
-# ----------------------------------------------------------------------------- the table
-
-
-@dataclass
-class JobRow:
-    run_id: str
-    run_name: str
-    status: str
-    overrides: dict[str, str]
-    sparsity: float | None
-    quality: dict[str, float]
-    dense_bytes: float | None
-    compressed_bytes: float | None
-    error: str = ""
-
-    @property
-    def compression(self) -> float | None:
-        if self.dense_bytes and self.compressed_bytes:
-            return self.dense_bytes / self.compressed_bytes
-        return None
-
-
 @dataclass
 class SweepReport:
+    """A sweep's table (one row a job, in plot order, the CSV's columns) and its column groups."""
+
     parent_run_id: str
-    rows: list[JobRow]
+    title: str
+    table: pd.DataFrame
     varied_keys: list[str]
     common_overrides: dict[str, str]
     quality_keys: list[str]
@@ -91,430 +57,234 @@ class SweepReport:
     files: list[Path] = field(default_factory=list)
 
 
-def parse_overrides(value: str | None) -> dict[str, str]:
-    """``{"key": "value"}`` from an overrides tag: a JSON/Python list, or space-separated."""
-    if not value:
-        return {}
-    items: Sequence[str] | None = None
-    text = value.strip()
-    if text.startswith("["):
-        for loads in (json.loads, ast.literal_eval):
-            try:
-                parsed = loads(text)
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(parsed, list):
-                items = [str(x) for x in parsed]
-                break
-    if items is None:
-        items = _split_outside_brackets(text)
-    out = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep:
-            continue
-        out[key.lstrip("+~")] = val
-    return out
+# ----------------------------------------------------------------------------- the table
 
 
-def _split_outside_brackets(text: str) -> list[str]:
-    """Split on whitespace (or, failing that, commas) not inside brackets or quotes."""
-    sep = " " if " " in text.strip() else ","
-    parts, depth, quote, cur = [], 0, "", []
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _run_overrides(run: Run) -> dict[str, str]:
-    for tag in OVERRIDE_TAGS:
-        if tag in run.data.tags:
-            return parse_overrides(run.data.tags[tag])
-    return {}
-
-
-def _evaluator_names(run: Run) -> tuple[str, ...]:
-    """The run's evaluators (its tag), then the shipped ones (a tag may name config options)."""
-    tag = run.data.tags.get(EVALUATORS_TAG, "")
-    names = [n.strip() for n in tag.split(",") if n.strip()]
-    return tuple(dict.fromkeys([*names, *DEFAULT_EVALUATORS]))
+def parse_overrides(tag: object) -> dict[str, str]:
+    """``{key: value}`` from tag ``sparsify.overrides``: the job's Hydra overrides joined by
+    single spaces (a value holds spaces only inside brackets or quotes)."""
+    text, items, depth, quote, start = tag if isinstance(tag, str) else "", [], 0, "", 0
+    for i, ch in enumerate(text + " "):
+        if quote or ch in "'\"":
+            quote = "" if ch == quote else quote or ch
+        elif ch in "[{(]})":
+            depth += 1 if ch in "[{(" else -1
+        elif ch == " " and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    pairs = (item.partition("=") for item in items)
+    return {key.lstrip("+~"): value for key, sep, value in pairs if sep}
 
 
 def quality_keys_of(metric_keys: Iterable[str], evaluators: Sequence[str]) -> list[str]:
-    """The summary quality metrics: an evaluator's keys that extend no other logged key."""
+    """The summary quality metrics: the user's own first; within a metric sparse, delta, dense."""
     keys = set(metric_keys)
-    out = []
-    for key in keys:
+
+    def breakdown(key: str) -> bool:
         parts = key.split("/")
-        if parts[0] not in evaluators:
-            continue
-        if any("/".join(parts[:i]) in keys for i in range(2, len(parts))):
-            continue  # a per-name breakdown of a summary key
-        out.append(key)
-    # the user's own measures first, then the generic ones; within a metric: sparse, delta, dense
-    generic = {"embedding_bag": 1, "fidelity": 2}
-    side = {"sparse": 0, "delta": 1, "dense": 2}
+        return any("/".join(parts[:i]) in keys for i in range(2, len(parts)))
+
+    generic, side = {"embedding_bag": 1, "fidelity": 2}, {"sparse": 0, "delta": 1, "dense": 2}
 
     def order(key: str) -> tuple:
         parts = key.split("/")
         return (generic.get(parts[0], 0), parts[:-1], side.get(parts[-1], -1), parts[-1])
 
-    return sorted(out, key=order)
+    summary = (k for k in keys if k.split("/")[0] in evaluators and not breakdown(k))
+    return sorted(summary, key=order)
 
 
-def _sort_value(value: str) -> tuple:
-    """Numbers by value, lists of numbers (block shapes) by their entries, the rest as text."""
-    try:
-        return (0, (float(value),), "")
-    except ValueError:
-        pass
-    try:
-        parsed = ast.literal_eval(value)
-        if isinstance(parsed, (list, tuple)) and all(isinstance(x, (int, float)) for x in parsed):
-            return (1, tuple(float(x) for x in parsed), "")
-    except (ValueError, SyntaxError, TypeError):
-        pass
-    return (2, (), value)
+def _sort_value(value: str) -> list:
+    """Natural order: numbers inside a value (a level, a block shape) compare by value; a job
+    without the option comes last."""
+    parts = re.split(r"(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)", value.replace(" ", ""))
+    return [not value, *(float(p) if i % 2 else p for i, p in enumerate(parts))]
 
 
-def child_runs(client: mlflow.MlflowClient, parent_run_id: str) -> list[Run]:
-    parent = client.get_run(parent_run_id)
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column of ``frame``, all missing when no run logged it."""
+    return frame[name] if name in frame else pd.Series(math.nan, frame.index, dtype=object)
 
 
-def build_rows(runs: Sequence[Run]) -> SweepReport:
-    overrides = [_run_overrides(r) for r in runs]
-    all_keys = sorted({k for o in overrides for k in o})
-    varied = [k for k in all_keys if len({o.get(k) for o in overrides}) > 1]
-    common = {k: overrides[0][k] for k in all_keys if k not in varied} if runs else {}
-    rows, quality = [], []
-    for run, ov in zip(runs, overrides, strict=False):
-        metrics = run.data.metrics
-        evaluators = _evaluator_names(run)
-        qkeys = quality_keys_of(metrics, evaluators)
-        for key in qkeys:
-            if key not in quality:
-                quality.append(key)
-        error = next((run.data.tags[t] for t in ERROR_TAGS if t in run.data.tags), "")
-        rows.append(
-            JobRow(
-                run_id=run.info.run_id,
-                run_name=run.info.run_name or "",
-                status=run.info.status,
-                overrides=ov,
-                sparsity=metrics.get(SPARSITY_KEY),
-                quality={k: metrics[k] for k in qkeys},
-                dense_bytes=metrics.get(DENSE_BYTES_KEY),
-                compressed_bytes=metrics.get(COMPRESSED_BYTES_KEY),
-                error=error.strip().splitlines()[0][:200] if error.strip() else "",
-            )
-        )
+def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> SweepReport:
+    """The report of child runs laid out as ``mlflow.search_runs`` lays them out; the varied
+    options are the overrides whose value differs between the jobs."""
+    overrides = [parse_overrides(t) for t in _column(children, f"tags.{tr.OVERRIDES_TAG}")]
+    given = pd.DataFrame(overrides, index=children.index, dtype=object)
+    varied = sorted(k for k in given if given[k].nunique(dropna=False) > 1)
+    common = {k: overrides[0][k] for k in sorted(given) if k not in varied}
     series = [k for k in varied if not LEVEL_KEY_PATTERN.search(k)]
-    rows.sort(
-        key=lambda r: (
-            [_sort_value(r.overrides.get(k, "")) for k in series],
-            [_sort_value(r.overrides.get(k, "")) for k in varied if k not in series],
-            r.sparsity if r.sparsity is not None else math.inf,
-            r.run_name,
-        )
+    tags = _column(children, f"tags.{tr.EVALUATORS_TAG}").dropna()
+    evaluators = {name.strip() for tag in tags for name in tag.split(",")}
+    logged = [c.removeprefix("metrics.") for c in children if c.startswith("metrics.")]
+    quality = quality_keys_of(logged, [*evaluators, *DEFAULT_EVALUATORS])
+    numbers = [SPARSITY_KEY, *quality, DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY]
+    metric = {k: _column(children, f"metrics.{k}").astype(float) for k in numbers}
+    dense, packed = metric[DENSE_BYTES_KEY], metric[COMPRESSED_BYTES_KEY]
+    errors = _column(children, f"tags.{tr.FAILURE_TAG}").fillna("")
+    shown = [" ".join(f"{k}={v}" for k, v in o.items() if k in varied) for o in overrides]
+    table = pd.DataFrame(
+        {
+            "run_id": children["run_id"],
+            "run_name": _column(children, "tags.mlflow.runName").fillna(""),
+            "status": children["status"],
+            "overrides": shown,
+            **{k: given[k].fillna("") for k in varied},
+            **metric,
+            COMPRESSION_KEY: dense.where(dense != 0) / packed.where(packed != 0),
+            "error": [(e.strip().splitlines() or [""])[0][:200] for e in errors],
+        },
+        index=children.index,
     )
-    return SweepReport(
-        parent_run_id="",
-        rows=rows,
-        varied_keys=varied,
-        common_overrides=common,
-        quality_keys=quality,
-        series_keys=series,
-    )
+    ranks = series + [k for k in varied if k not in series]
+
+    def rank(row: dict) -> tuple:
+        level = math.inf if pd.isna(row[SPARSITY_KEY]) else row[SPARSITY_KEY]
+        return [_sort_value(row[k]) for k in ranks], level, row["run_name"]
+
+    table = pd.DataFrame(sorted(table.to_dict("records"), key=rank), columns=table.columns)
+    return SweepReport(parent_run_id, title, table, varied, common, quality, series)
 
 
-def _columns(report: SweepReport) -> list[str]:
-    return [
-        "run_id",
-        "run_name",
-        "status",
-        "overrides",
-        *report.varied_keys,
-        SPARSITY_KEY,
-        *report.quality_keys,
-        DENSE_BYTES_KEY,
-        COMPRESSED_BYTES_KEY,
-        "size/compression",
-        "error",
-    ]
+def _cell(column: str, value: object) -> str:
+    """Sizes in B/KiB/MiB/GiB, ratios as ``1.23x``, other numbers to 4 digits."""
+    if pd.isna(value):
+        return ""
+    if column in (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY):
+        power = next((p for p in (0, 1, 2) if abs(value) < 1024 ** (p + 1)), 3)
+        return f"{value:.0f} B" if not power else f"{value / 1024**power:.2f} {'KMG'[power - 1]}iB"
+    if column == COMPRESSION_KEY:
+        return f"{value:.2f}x"
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
-def _record(report: SweepReport, row: JobRow) -> dict[str, object]:
-    rec: dict[str, object] = {
-        "run_id": row.run_id,
-        "run_name": row.run_name,
-        "status": row.status,
-        "overrides": " ".join(
-            f"{k}={v}" for k, v in row.overrides.items() if k in report.varied_keys
-        ),
-        SPARSITY_KEY: row.sparsity,
-        DENSE_BYTES_KEY: row.dense_bytes,
-        COMPRESSED_BYTES_KEY: row.compressed_bytes,
-        "size/compression": row.compression,
-        "error": row.error,
+def markdown(report: SweepReport) -> str:
+    """The table to read: run ids cut short, and a dense value shared by every job stated once
+    above the table instead of in every row."""
+    t = report.table
+    baselines = {
+        k: t[k].iloc[0]
+        for k in report.quality_keys
+        if k.endswith("/dense") and t[k].notna().all() and t[k].nunique() == 1
     }
-    for key in report.varied_keys:
-        rec[key] = row.overrides.get(key, "")
-    for key in report.quality_keys:
-        rec[key] = row.quality.get(key)
-    return rec
-
-
-def write_csv(report: SweepReport, path: Path) -> None:
-    cols = _columns(report)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        for row in report.rows:
-            rec = _record(report, row)
-            writer.writerow({k: ("" if rec[k] is None else rec[k]) for k in cols})
-
-
-def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return ""
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-def _constant_baselines(report: SweepReport) -> dict[str, float]:
-    """``.../dense`` metrics with one value over the sweep: stated once, not in every row."""
-    out = {}
-    for key in report.quality_keys:
-        if key.endswith("/dense"):
-            values = {r.quality.get(key) for r in report.rows}
-            if len(values) == 1 and None not in values:
-                out[key] = values.pop()
-    return out
-
-
-def write_markdown(report: SweepReport, path: Path, title: str = "Sweep report") -> None:
-    baselines = _constant_baselines(report)
-    cols = [
-        "run",
-        "status",
-        *report.varied_keys,
-        SPARSITY_KEY,
-        *[k for k in report.quality_keys if k not in baselines],
-        DENSE_BYTES_KEY,
-        COMPRESSED_BYTES_KEY,
-        "size/compression",
-    ]
-    if any(r.error for r in report.rows):
-        cols.append("error")
-    lines = [f"# {title}", ""]
-    lines.append(f"Parent run `{report.parent_run_id}`, {len(report.rows)} jobs.")
+    quality = [k for k in report.quality_keys if k not in baselines]
+    cols = ["status", *report.varied_keys, SPARSITY_KEY, *quality, *SIZE_KEYS]
+    cols += ["error"] if t["error"].any() else []
+    lines = [f"# {report.title}", "", f"Parent run `{report.parent_run_id}`, {len(t)} jobs."]
     if report.common_overrides:
         common = " ".join(f"{k}={v}" for k, v in report.common_overrides.items())
         lines.append(f"Common overrides: `{common}`.")
     if baselines:
-        dense = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in baselines.items())
+        dense = ", ".join(f"`{k}` = {_cell(k, v)}" for k, v in baselines.items())
         lines.append(f"Dense baseline (every job): {dense}.")
-    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in report.rows:
-        rec = _record(report, row)
-        rec["run"] = row.run_id[:8]
-        cells = []
-        for col in cols:
-            if col in (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY):
-                cells.append(_human_bytes(rec[col]))  # type: ignore[arg-type]
-            elif col == "size/compression" and rec[col] is not None:
-                cells.append(f"{rec[col]:.2f}x")
-            else:
-                cells.append(_fmt(rec[col]))
+    lines += ["", "| " + " | ".join(["run", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for _, row in t.iterrows():
+        cells = [row["run_id"][:8], *(_cell(c, row[c]) for c in cols)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join([*lines, ""])
 
 
 # ----------------------------------------------------------------------------- the plots
 
 
-def _short(key: str) -> str:
-    return key.rsplit(".", 1)[-1]
-
-
-def _series(report: SweepReport) -> dict[str, list[JobRow]]:
+def _series(report: SweepReport) -> dict[str, pd.DataFrame]:
     """Plot lines: finished jobs with a sparsity, grouped by the non-level varied options."""
-    groups: dict[str, list[JobRow]] = {}
-    for row in report.rows:
-        if row.sparsity is None or row.status not in ("FINISHED", "RUNNING"):
-            continue
-        label = ", ".join(f"{_short(k)}={row.overrides.get(k, '')}" for k in report.series_keys)
-        groups.setdefault(label or "all jobs", []).append(row)
-    for rows in groups.values():
-        rows.sort(key=lambda r: r.sparsity)
-    return groups
-
-
-_MARKERS = "os^Dvp*"
-
-
-def _style(i: int, colors: list[str]) -> dict:
-    """Series i: its own colour and marker; earlier lines wider, so overlapping ones show."""
-    return {
-        "color": colors[i % len(colors)],
-        "marker": _MARKERS[i % len(_MARKERS)],
-        "lw": max(3.2 - 0.7 * i, 1.2),
-        "ms": max(7.0 - 1.0 * i, 4.0),
-        "zorder": 2 + i,
-    }
-
-
-def _plot_keys(report: SweepReport) -> list[str]:
-    """The quality panels: sparse-side metrics, no deltas, dense baselines, nor timings."""
-    keys = [
-        k
-        for k in report.quality_keys
-        if not k.endswith(("/dense", "/delta")) and "time" not in k.split("/")[-1]
+    t = report.table
+    t = t[t[SPARSITY_KEY].notna() & t["status"].isin(["FINISHED", "RUNNING"])]
+    labels = [
+        ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in report.series_keys) or "all jobs"
+        for _, row in t.iterrows()
     ]
-    return keys[:MAX_PANELS]
+    groups = t.groupby(pd.Series(labels, t.index, dtype=object), sort=False)
+    return {str(label): g.sort_values(SPARSITY_KEY) for label, g in groups}
 
 
-def _figure(n_panels: int):
+@contextmanager
+def _figure(path: Path, title: str, n_panels: int) -> Iterator[list]:
+    """Up to 3 panels a row, a title, a legend entry a series below them; saved on exit."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    ncols = min(3, max(n_panels, 1))
-    nrows = math.ceil(max(n_panels, 1) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.9), squeeze=False)
-    for ax in axes.flat[n_panels:]:
+    nrows, ncols = math.ceil(n_panels / 3), min(3, n_panels)
+    size = (4.6 * ncols, 3.6 * nrows + 0.9)
+    fig, grid = plt.subplots(nrows, ncols, figsize=size, squeeze=False, layout="constrained")
+    for ax in grid.flat[n_panels:]:
         ax.set_visible(False)
-    return plt, fig, list(axes.flat[:n_panels])
+    try:
+        yield list(grid.flat[:n_panels])
+        fig.suptitle(title, fontsize=13)
+        handles, labels = grid.flat[0].get_legend_handles_labels()  # the series: dense has none
+        if labels not in ([], ["all jobs"]):
+            style = {"ncol": min(len(labels), 4), "frameon": False, "fontsize": 9}
+            fig.legend(handles, labels, loc="outside lower center", **style)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
-def _finish(plt, fig, axes, groups, path: Path, title: str) -> None:
-    handles, labels = [], []
-    for h, lab in zip(*axes[0].get_legend_handles_labels(), strict=False):
-        if lab in groups:  # one entry a series; the panels' own legends say "dense"
-            handles.append(h)
-            labels.append(lab)
-    height = fig.get_figheight()
-    fig.suptitle(title, fontsize=13, y=1 - 0.12 / height, va="top")
-    bottom = 0.1 / height
-    if labels and labels != ["all jobs"]:
-        ncol = min(len(labels), 4)
-        fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
-        bottom = (0.15 + 0.25 * math.ceil(len(labels) / ncol)) / height
-    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.4 / height))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _lines(ax, groups: dict[str, pd.DataFrame], key: str, ylabel: str, scale: float = 1) -> None:
+    """A line a series, each its own colour and marker; earlier ones wider, so overlaps show."""
+    from matplotlib import rcParams
 
-
-def _sparsity_axis(ax) -> None:
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(groups.items()):
+        pts = rows[[SPARSITY_KEY, key]].dropna()
+        style = {"color": colors[i % len(colors)], "marker": "os^Dvp*"[i % 7], "zorder": 2 + i}
+        lw, ms = max(3.2 - 0.7 * i, 1.2), max(7.0 - 1.0 * i, 4.0)
+        if not pts.empty:
+            ax.plot(pts[SPARSITY_KEY], pts[key] / scale, label=label, lw=lw, ms=ms, **style)
+    ax.set_title(key, fontsize=10)
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("sparsity reached (fraction of entries zeroed)")
     ax.grid(True, alpha=0.3)
 
 
+def _reference(ax, values: Iterable[float], label: str, loc: str = "best") -> None:
+    """Dashed grey lines (a dense baseline), with their own legend inside the panel."""
+    lines = [ax.axhline(value, color="grey", ls="--", lw=1) for value in values]
+    if lines:
+        ax.legend(handles=lines[:1], labels=[label], loc=loc, fontsize=8)
+
+
 def plot_quality(report: SweepReport, path: Path) -> bool:
-    keys = _plot_keys(report)
+    """A panel a sparse-side quality metric (no deltas, dense baselines nor timings)."""
+    keys = [k for k in report.quality_keys if not k.endswith(("/dense", "/delta"))]
+    keys = [k for k in keys if "time" not in k.split("/")[-1]][:MAX_PANELS]
     groups = _series(report)
     if not keys or not groups:
         return False
-    plt, fig, axes = _figure(len(keys))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key in zip(axes, keys, strict=False):
-        for i, (label, rows) in enumerate(groups.items()):
-            pts = [(r.sparsity, r.quality[key]) for r in rows if key in r.quality]
-            if pts:
-                xs, ys = zip(*pts, strict=False)
-                ax.plot(xs, ys, label=label, **_style(i, colors))
-        if key.endswith("/sparse"):  # the dense baseline the sparse value is judged against
-            dense_key = key[: -len("/sparse")] + "/dense"
-            dense = [r.quality[dense_key] for r in report.rows if dense_key in r.quality]
-            if dense:
-                ax.axhline(sum(dense) / len(dense), color="grey", ls="--", lw=1, label="dense")
-                ax.legend(loc="best", fontsize=8, handles=[ax.get_lines()[-1]])
-        ax.set_title(key, fontsize=10)
-        ax.set_ylabel(key.split("/", 1)[-1].replace("/sparse", ""))
-        _sparsity_axis(ax)
-    _finish(plt, fig, axes, groups, path, "Quality against sparsity")
+    with _figure(path, "Quality against sparsity", len(keys)) as axes:
+        for ax, key in zip(axes, keys, strict=True):
+            _lines(ax, groups, key, key.split("/", 1)[-1].replace("/sparse", ""))
+            dense = _column(report.table, key.removesuffix("/sparse") + "/dense").dropna()
+            if key.endswith("/sparse") and not dense.empty:
+                _reference(ax, [dense.mean()], "dense")
     return True
 
 
 def plot_size(report: SweepReport, path: Path) -> bool:
-    groups = _series(report)
-    groups = {k: [r for r in v if r.compressed_bytes is not None] for k, v in groups.items()}
-    groups = {k: v for k, v in groups.items() if v}
+    """Compressed size against sparsity, then a panel a timing ratio (sparse / dense)."""
+    groups = {k: g[g[COMPRESSED_BYTES_KEY].notna()] for k, g in _series(report).items()}
+    groups = {k: g for k, g in groups.items() if not g.empty}
     if not groups:
         return False
-    timing = [k for k in report.quality_keys if "time" in k.split("/")[-1]]
-    plt, fig, axes = _figure(1 + len(timing[: MAX_PANELS - 1]))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    allrows = [r for rows in groups.values() for r in rows]
-    mib = 1024.0 * 1024.0
-    big = max(r.compressed_bytes or 0 for r in allrows) > mib
-    scale, unit = (mib, "MiB") if big else (1024.0, "KiB")
-    ax = axes[0]
-    for i, (label, rows) in enumerate(groups.items()):
-        sizes = [r.compressed_bytes / scale for r in rows]
-        ax.plot([r.sparsity for r in rows], sizes, label=label, **_style(i, colors))
-    dense = sorted({r.dense_bytes for r in allrows if r.dense_bytes})
-    for j, d in enumerate(dense):
-        ax.axhline(d / scale, color="grey", ls="--", lw=1, label=None if j else "dense size")
-    ax.set_title("compressed size of the sparsified data", fontsize=10)
-    ax.set_ylabel(f"size on disk ({unit})")
-    ax.set_ylim(bottom=0)
-    _sparsity_axis(ax)
-    if dense:
-        ax.legend(handles=[ax.get_lines()[-1]], loc="upper right", fontsize=8)
-    for ax, key in zip(axes[1:], timing, strict=False):
-        for i, (label, rows) in enumerate(groups.items()):
-            pts = [(r.sparsity, r.quality[key]) for r in rows if key in r.quality]
-            if pts:
-                xs, ys = zip(*pts, strict=False)
-                ax.plot(xs, ys, label=label, **_style(i, colors))
-        ax.axhline(1.0, color="grey", ls="--", lw=1)
-        lo, hi = ax.get_ylim()
-        if lo > 0 and hi / lo > 20:  # ratios spanning decades: log scale
-            ax.set_yscale("log")
-        ax.set_title(key, fontsize=10)
-        ax.set_ylabel("time sparse / dense")
-        _sparsity_axis(ax)
-    _finish(plt, fig, axes, groups, path, "Size (and speed) against sparsity")
+    timing = [k for k in report.quality_keys if "time" in k.split("/")[-1]][: MAX_PANELS - 1]
+    rows = pd.concat(groups.values())
+    scale, unit = (2**20, "MiB") if rows[COMPRESSED_BYTES_KEY].max() > 2**20 else (1024, "KiB")
+    with _figure(path, "Size (and speed) against sparsity", 1 + len(timing)) as axes:
+        _lines(axes[0], groups, COMPRESSED_BYTES_KEY, f"size on disk ({unit})", scale)
+        axes[0].set_title("compressed size of the sparsified data", fontsize=10)
+        dense = sorted(set(rows[DENSE_BYTES_KEY].dropna()) - {0.0})
+        _reference(axes[0], [d / scale for d in dense], "dense size", "upper right")
+        axes[0].set_ylim(bottom=0)
+        for ax, key in zip(axes[1:], timing, strict=True):
+            _lines(ax, groups, key, "time sparse / dense")
+            ax.axhline(1.0, color="grey", ls="--", lw=1)
+            lo, hi = ax.get_ylim()
+            if lo > 0 and hi / lo > 20:  # ratios spanning decades
+                ax.set_yscale("log")
     return True
 
 
@@ -522,110 +292,78 @@ def plot_size(report: SweepReport, path: Path) -> bool:
 
 
 def build_sweep_report(
-    client: mlflow.MlflowClient, parent_run_id: str, out_dir: Path | str
+    client: MlflowClient, parent_run_id: str, out_dir: Path | str
 ) -> SweepReport:
     """Read the sweep's child runs and write the table and plots into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = build_rows(child_runs(client, parent_run_id))
-    report.parent_run_id = parent_run_id
-    parent = client.get_run(parent_run_id)
-    experiment = client.get_experiment(parent.info.experiment_id).name
-    title = f"Sweep report: experiment {experiment}"
-    for name, writer in (
-        ("sweep_report.csv", write_csv),
-        ("sweep_report.md", lambda r, p: write_markdown(r, p, title)),
-    ):
-        writer(report, out / name)
-        report.files.append(out / name)
-    for name, plot in (
-        ("quality_vs_sparsity.png", plot_quality),
-        ("size_vs_sparsity.png", plot_size),
-    ):
-        if plot(report, out / name):
-            report.files.append(out / name)
+    experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+    # through the client, not mlflow.search_runs: that one reads the global tracking URI
+    children = tr.sweep_children_frame(client, parent_run_id)
+    report = build_table(children, parent_run_id, f"Sweep report: experiment {experiment}")
+    report.table.to_csv(out / "sweep_report.csv", index=False)
+    (out / "sweep_report.md").write_text(markdown(report))
+    plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}
+    report.files = [out / "sweep_report.csv", out / "sweep_report.md"]
+    report.files += [out / name for name, plot in plots.items() if plot(report, out / name)]
     return report
 
 
 def write_sweep_report(
-    client: mlflow.MlflowClient, parent_run_id: str, out_dir: Path | str | None = None
+    client: MlflowClient, parent_run_id: str, out_dir: Path | str | None = None
 ) -> SweepReport:
-    """Build the sweep's report and log it to the parent run under ``report/``.
-
-    ``out_dir`` keeps the files there too (by default they go to a temporary folder).
-    """
+    """Build the sweep's report and log it to the parent run under ``report/``; ``out_dir``
+    keeps the files there too (by default they go to a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="sweep_report_") as tmp:
         report = build_sweep_report(client, parent_run_id, out_dir or tmp)
-        _log_report(client, report)
+        for path in report.files:
+            client.log_artifact(parent_run_id, str(path), artifact_path=ARTIFACT_DIR)
     return report
 
 
-def _log_report(client: mlflow.MlflowClient, report: SweepReport) -> None:
-    for path in report.files:
-        client.log_artifact(report.parent_run_id, str(path), artifact_path=ARTIFACT_DIR)
-
-
-def _sweep_parents(client: mlflow.MlflowClient, experiment_id: str) -> list[Run]:
-    return client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = 'true'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sparsify_exp.report``: 2, with one line, for an unknown experiment or run."""
     parser = argparse.ArgumentParser(
         prog="python -m sparsify_exp.report",
         description="Rebuild a sweep's report (table + plots) from the MLflow store and log "
         "it to the sweep's parent run.",
     )
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
-    parser.add_argument(
-        "--parent", help="the sweep's parent run id (default: the latest sweep in the experiment)"
-    )
-    parser.add_argument("--all", action="store_true", help="report every sweep in the experiment")
-    parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLflow's own resolution)"
-    )
-    parser.add_argument("--out", help="also keep the report files in this folder")
-    parser.add_argument(
-        "--no-log", action="store_true", help="only write --out; log nothing to the store"
-    )
+    add = parser.add_argument
+    add("--experiment", required=True, help="MLflow experiment name")
+    add("--parent", help="the sweep's parent run id (default: the experiment's latest sweep)")
+    add("--all", action="store_true", help="report every sweep in the experiment")
+    add("--tracking-uri", help="MLflow tracking URI (default: MLflow's own resolution)")
+    add("--out", help="also keep the report files in this folder")
+    add("--no-log", action="store_true", help="only write --out; log nothing to the store")
     args = parser.parse_args(argv)
     if args.no_log and not args.out:
         parser.error("--no-log needs --out")
-
-    client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        print(f"error: no experiment named {args.experiment!r}", file=sys.stderr)
-        return 2
+    client = MlflowClient(tracking_uri=args.tracking_uri)
+    if client.get_experiment_by_name(args.experiment) is None:
+        return _fail(f"no experiment named {args.experiment!r}")
     if args.parent:
         parents = [args.parent]
     else:
-        found = _sweep_parents(client, experiment.experiment_id)
-        if not found:
-            print(
-                f"error: no sweep parent run (tag {SWEEP_TAG}=true) in {args.experiment!r}",
-                file=sys.stderr,
-            )
-            return 2
-        parents = [r.info.run_id for r in (found if args.all else found[:1])]
+        parents = [r.info.run_id for r in tr.find_sweeps(client, args.experiment)]
+    parents = parents if args.all else parents[:1]
+    if not parents:
+        return _fail(f"no sweep parent run (tag {tr.SWEEP_TAG}=true) in {args.experiment!r}")
     for parent_id in parents:
         out = Path(args.out) / parent_id if args.out and len(parents) > 1 else args.out
-        with tempfile.TemporaryDirectory(prefix="sweep_report_") as tmp:
-            try:
-                report = build_sweep_report(client, parent_id, out or tmp)
-            except MlflowException as e:
-                print(f"error: sweep {parent_id}: {e.message}", file=sys.stderr)
-                return 2
-            if not args.no_log:
-                _log_report(client, report)
-            where = out or f"parent run artifacts {ARTIFACT_DIR}/"
-            print(f"sweep {parent_id}: {len(report.rows)} jobs -> {where}")
-            print(Path(out or tmp, "sweep_report.md").read_text())
+        try:  # --no-log comes with --out
+            write = build_sweep_report if args.no_log else write_sweep_report
+            report = write(client, parent_id, out)
+        except MlflowException as e:
+            return _fail(f"sweep {parent_id}: {e.message}")
+        where = out or f"parent run artifacts {ARTIFACT_DIR}/"
+        print(f"sweep {parent_id}: {len(report.table)} jobs -> {where}")
+        print(markdown(report))
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -317,3 +318,32 @@ def find_sweeps(client: MlflowClient, experiment_name: str) -> list[Any]:
             order_by=["attributes.start_time DESC"],
         )
     )
+
+
+def runs_frame(runs: list[Any]) -> pd.DataFrame:
+    """Runs laid out as ``mlflow.search_runs(output_format="pandas")`` lays them out: ``run_id``,
+    ``status``, ... and one ``metrics.<key>``, ``params.<key>``, ``tags.<key>`` column a key.
+
+    Built here because ``mlflow.search_runs`` only reads the global (fluent) tracking URI; going
+    through an explicit client keeps parallel sweeps and tests on their own stores.
+    """
+    records = [
+        {
+            "run_id": r.info.run_id,
+            "experiment_id": r.info.experiment_id,
+            "status": r.info.status,
+            "start_time": r.info.start_time,
+            "end_time": r.info.end_time,
+            **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+            **{f"params.{k}": v for k, v in r.data.params.items()},
+            **{f"tags.{k}": v for k, v in r.data.tags.items()},
+        }
+        for r in runs
+    ]
+    info = ["run_id", "experiment_id", "status", "start_time", "end_time"]
+    return pd.DataFrame(records) if records else pd.DataFrame(columns=info)
+
+
+def sweep_children_frame(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+    """The child runs of :func:`find_sweep_runs` as a :func:`runs_frame`, by start time."""
+    return runs_frame(find_sweep_runs(client, parent_run_id)[1])
