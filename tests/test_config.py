@@ -205,3 +205,23 @@ def test_sweep_with_a_bad_job_stops_before_any_job_runs(store, cli):
         "  sparsifier.sparsity_level=1.5: must be in [0, 1]",
     ]
     assert store.runs() == []
+
+
+def test_rejected_config_leaves_no_output_folder(store, cli):
+    proc = cli(["sparsifier.sparsity_level=2", "+colour=red"], cwd=store.dir)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[1:] == [
+        "  sparsifier.sparsity_level=2: must be in [0, 1]",
+        "  colour=red: unknown key (allowed: seed, mlflow, output, schedule, per_name, "
+        "objective, data, sparsifier, eval)",
+    ]
+    assert not (store.dir / "outputs").exists()
+    assert store.runs() == []
+
+
+def test_run_dir_that_cannot_be_made_is_one_line(store, cli):
+    (store.dir / "a_file").write_text("")
+    proc = cli(["hydra.run.dir=a_file/run", "eval=[]"], cwd=store.dir)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("cannot be created (Not a directory)")

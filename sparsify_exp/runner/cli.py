@@ -3,6 +3,7 @@ to compose a config or run a job from Python (notebooks, tests)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -10,28 +11,56 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
-from sparsify_exp.runner.config import ConfigError
+from sparsify_exp.runner.config import ConfigError, validate
+from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
 from sparsify_exp.runner.sweep import finish_sweep, objective
+from sparsify_exp.runner.tracking import failure_reason
+
+log = logging.getLogger("sparsify_exp.runner")
 
 CONFIG_MODULE = "sparsify_exp.conf"
 
 
+def _config_exit(problems: list[str]) -> None:
+    """Prints the problems, one a line, and exits 2 (SystemExit passes Hydra's callbacks)."""
+    sys.stderr.write(ConfigError(problems).report() + "\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+class RunCallback(Callback):
+    """Validates a single run's config before Hydra makes its output folder: a rejected
+    config leaves no ``outputs/<date>/<time>/`` behind, and a folder that cannot be made
+    (``hydra.run.dir`` under a file, in ``/proc``) is a one-line error too."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        problems = validate(config)
+        if problems:
+            _config_exit(problems)
+        run_dir = absolute_under(Path(config.hydra.runtime.cwd), config.hydra.run.dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _config_exit([f"hydra.run.dir={run_dir}: cannot be created ({e.strerror or e})"])
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return objective(cfg, run(cfg))  # a failure is the launcher's to report
     try:
-        run_id = run(cfg)
+        run(cfg)
     except ConfigError as e:
-        if multirun:
-            raise  # a worker must not exit; the launcher reports the job's error
-        sys.stderr.write(e.report() + "\n")
-        sys.stderr.flush()
-        raise SystemExit(2) from None
-    return objective(cfg, run_id) if multirun else None
+        _config_exit(e.problems)
+    except Exception as e:  # the run is FAILED with its reason and traceback (error.txt)
+        log.error("failed: %s", failure_reason(e))
+        raise SystemExit(1) from None
+    return None
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> str:
         except Exception as log_error:  # the store may be what failed
             log.warning("could not log the artifacts of the failed run: %s", log_error)
         tracker.fail(e, status)
-        log.error("run %s %s: %s", tracker.run_id, status, tr.failure_reason(e))
+        log.info("run %s %s", tracker.run_id, status)
         raise
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
