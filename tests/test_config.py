@@ -225,3 +225,25 @@ def test_run_dir_that_cannot_be_made_is_one_line(store, cli):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("cannot be created (Not a directory)")
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("foo://x", "mlflow.tracking_uri=foo://x: must be a tracking URI"),
+        ("sqlite:////no/such/dir/m.db", "mlflow.tracking_uri=sqlite:////no/such/dir/m.db: no such"),
+    ],
+)
+def test_bad_tracking_uri_is_one_line(uri, expected):
+    (problem,) = validate(compose_config([f"mlflow.tracking_uri={uri}"]))
+    assert problem.startswith(expected)
+
+
+def test_oversized_numbers_are_config_errors():
+    problems = validate(
+        compose_config(["seed=99999999999999999999999", "schedule.steps=99999999999999999999999"])
+    )
+    assert sorted(problems) == [
+        "schedule.steps=99999999999999999999999: must be <= 10000000",
+        "seed=99999999999999999999999: must be <= 18446744073709551615",
+    ]

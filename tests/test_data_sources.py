@@ -95,3 +95,13 @@ def test_select_names_globs():
     assert select_names(names, None, None) == names
     assert select_names(names, ["a.*"], None) == ["a.weight", "a.bias"]
     assert select_names(names, ["*"], ["*.bias"]) == ["a.weight", "b.weight"]
+
+
+def test_torch_file_holding_a_bare_tensor_is_named_by_its_stem(tmp_path):
+    path = tmp_path / "user_table.pt"
+    torch.save(torch.randn(6, 4), path)
+    b = file.build(str(path))
+    assert list(b.named_data) == ["user_table"]
+    b.named_data["user_table"].zero_()
+    out = b.save(tmp_path / "out")
+    assert torch.equal(torch.load(out, weights_only=True), torch.zeros(6, 4))

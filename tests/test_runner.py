@@ -294,3 +294,18 @@ def test_unreadable_torch_file_is_a_config_error_before_any_run(store, cli):
     assert "Traceback" not in proc.stderr
     assert "weights_only=True" in proc.stderr
     assert store.runs() == []
+
+
+def test_nonfinite_data_is_reported_and_masked_exactly(store, cli):
+    table = torch.randn(100, 400)
+    table[:10] = float("nan")  # 10% of the (1, 4) blocks hold NaN
+    torch.save({"emb": table}, store.dir / "nan.pt")
+    proc = cli(
+        ["data=file", "data.path=nan.pt", "sparsifier.sparsity_level=0.95", "eval=[]"],
+        cwd=store.dir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "emb holds 4000 NaN/inf entries" in proc.stdout + proc.stderr
+    (run,) = store.runs()
+    assert run.data.params["data.nonfinite"] == "4000"
+    assert run.data.metrics["sparsity/overall"] == pytest.approx(0.95)

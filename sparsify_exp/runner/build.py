@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -13,6 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from sparsify_exp.runner.data import DataBundle
+from sparsify_exp.sparsifier import count_nonfinite
+
+log = logging.getLogger("sparsify_exp.runner")
 
 
 @dataclass
@@ -26,6 +30,8 @@ class Built:
     skipped: list[str]
     scheduler: Any
     evaluators: dict[str, Any]
+    nonfinite: dict[str, int]
+    """NaN / inf entries of each added name that has any."""
 
 
 def per_name_config(name: str, rules: list[Mapping]) -> tuple[bool, dict]:
@@ -51,13 +57,26 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
             continue
         sp.add_data(name, obj, **conf)
         added[name] = obj
+    for i, rule in enumerate(rules):
+        if not any(fnmatchcase(n, rule["pattern"]) for n in bundle.named_data):
+            log.warning(
+                "per_name.rules[%d].pattern=%s matches no name of the data", i, rule["pattern"]
+            )
     if not added:
         raise ValueError(
             f"per_name rules skip every name ({len(skipped)}); nothing left to sparsify"
+        )
+    nonfinite = {n: c for n in added if (c := count_nonfinite(added[n]))}
+    for name, count in nonfinite.items():
+        log.warning(
+            "%s holds %d NaN/inf entries: blocks holding them rank above every finite block "
+            "(removed last; see DataNormSparsifier)",
+            name,
+            count,
         )
     node = cfg.schedule.scheduler
     scheduler = instantiate(node, data_sparsifier=sp, _convert_="all") if node is not None else None
     evaluators = {
         name: instantiate(node, _convert_="all") for name, node in (cfg.get("eval") or {}).items()
     }
-    return Built(bundle, sp, added, skipped, scheduler, evaluators)
+    return Built(bundle, sp, added, skipped, scheduler, evaluators, nonfinite)

@@ -18,10 +18,19 @@ import inspect
 import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from sparsify_exp.errors import ConfigValueError
 
@@ -81,7 +90,7 @@ NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class MlflowConfig(_Node):
-    tracking_uri: str | None = None
+    tracking_uri: Annotated[str | None, AfterValidator(_tracking_uri)] = None
     experiment: NonEmpty = "sparsify_exp"
     run_name: str | None = None
     log_every: Annotated[int, Field(ge=1)] = 1
@@ -91,6 +100,26 @@ class MlflowConfig(_Node):
     image_max_side: Annotated[int, Field(ge=8)] = 512
     log_data: bool = True
     tags: dict[str, str | int | float | bool] = {}
+
+
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def _tracking_uri(uri: str | None) -> str | None:
+    """A URI MLflow can open: a known scheme, and for sqlite a folder that exists."""
+    if uri is None:
+        return None
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise ValueError(
+            "must be a tracking URI (sqlite:///path/mlflow.db, http://host:5000, "
+            "postgresql://user@host/db, file:///path)"
+        )
+    if scheme == "sqlite":
+        folder = Path(rest.removeprefix("///")).expanduser().absolute().parent
+        if rest.startswith("///") and not folder.is_dir():
+            raise ValueError(f"no such folder for the sqlite file ({folder})")
+    return uri
 
 
 class OutputConfig(_Node):

@@ -151,6 +151,11 @@ def _execute(
     )
     if built.bundle.source:
         tracker.set_tags({"sparsify.data_source": built.bundle.source})
+    if built.nonfinite:
+        tracker.log_params({"data.nonfinite": sum(built.nonfinite.values())})
+        tracker.set_tags(
+            {"sparsify.nonfinite": ", ".join(f"{n}={c}" for n, c in built.nonfinite.items())[:5000]}
+        )
     log.info(
         "%d names (%d entries) to sparsify with %s, %d step(s)%s",
         len(names),

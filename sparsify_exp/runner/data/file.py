@@ -22,12 +22,18 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 
 
-def _walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(dotted name, tensor)`` of a loaded torch checkpoint; a bare tensor is named
+    ``prefix`` (the file's stem)."""
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
     elif isinstance(obj, MutableMapping):
         for k, v in obj.items():
             yield from _walk(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def _torch_tensors(payload: Any, path: Path) -> list[tuple[str, torch.Tensor]]:
+    return list(_walk(payload, path.stem if isinstance(payload, torch.Tensor) else ""))
 
 
 def sparsifiable(t: torch.Tensor) -> bool:
@@ -52,7 +58,7 @@ def list_names(path: str | Path) -> list[str]:
                 if sl.get_dtype().startswith(("F", "BF")) and len(sl.get_shape()) >= 1:
                     names.append(k)
             return names
-    return [n for n, t in _walk(_load_torch(path, mmap=True)) if sparsifiable(t)]
+    return [n for n, t in _torch_tensors(_load_torch(path, mmap=True), path) if sparsifiable(t)]
 
 
 def _load_torch(path: Path, mmap: bool = False) -> Any:
@@ -123,7 +129,7 @@ def build(
         fmt, payload = "safetensors", None
     else:
         payload = _load_torch(p)
-        items = list(_walk(payload))
+        items = _torch_tensors(payload, p)
         fmt, meta = "torch", {}
     candidates = [n for n, t in items if sparsifiable(t)]
     names = set(select_names(candidates, include, exclude))
