@@ -716,3 +716,17 @@ def test_complex_with_nan_and_large_data():
 def test_data_without_entries_removes_nothing(shape):
     mask = ours_mask(torch.empty(shape), sparsity_level=0.7, sparse_block_shape=(2, 2))
     assert mask.shape == shape
+
+
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_complex_with_an_infinite_part_ranks_as_inf_even_beside_nan(norm):
+    """|inf + NaN j| is inf (torch.abs, C99's cabs): such a block goes before a NaN one,
+    for L2 as for L1, where the reference agrees."""
+    data = torch.tensor(
+        [complex(NAN, 0.0), complex(-INF, NAN), complex(1.0, 1.0), complex(NAN, INF)]
+    )
+    for level, expected in ((0.25, [1, 1, 0, 1]), (0.5, [1, 0, 0, 1]), (0.75, [1, 0, 0, 0])):
+        kwargs = dict(sparsity_level=level, sparse_block_shape=(1, 1), norm=norm)
+        assert ours_mask(data, **kwargs).int().tolist() == expected, level
+        if norm == "L1":
+            assert ref_mask(data, **kwargs).int().tolist() == expected, level

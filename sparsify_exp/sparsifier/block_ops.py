@@ -6,7 +6,8 @@ block grids and allocates at most one chunk of the data at a time.
 
 Ranking order, the one ``torch.sort`` gives (and so torch's reference): finite scores
 ascending, then ``+inf``, then NaN; equal scores (NaN included) by position. Complex data is
-ranked by magnitude.
+ranked by magnitude, ``torch.abs`` (C99's ``cabs``: an infinite part makes it ``+inf``, even
+beside a NaN part).
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def _magnitude(chunk: torch.Tensor, norm: str) -> torch.Tensor:
     """``|x|`` (L1) or ``|x|**2`` (L2) in the work dtype; a fresh tensor, never a view."""
     work = work_dtype(chunk.dtype)
     if chunk.is_complex():
-        # a cast to a real dtype would silently drop the imaginary part: use the magnitude
-        if norm == "L1":
-            return chunk.abs().to(work)
-        parts = torch.view_as_real(chunk).to(work)
-        return parts.square().sum(-1)  # re**2 + im**2, without the rounding of a sqrt
+        # a cast to a real dtype would silently drop the imaginary part: use the magnitude.
+        # abs is C99's cabs (as the reference's L1): an infinite part makes it +inf even
+        # beside a NaN part; L2 squares it so that both norms agree on what is inf or NaN
+        magnitude = chunk.abs().to(work)
+        return magnitude if norm == "L1" else magnitude.square_()
     chunk = chunk.to(work) if chunk.dtype != work else chunk
     return chunk.abs() if norm == "L1" else chunk.square()
 

@@ -77,7 +77,9 @@ class DataNormSparsifier(BaseDataSparsifier):
     finite scores go first, then ``+inf`` blocks, then NaN blocks, so NaN blocks are removed
     last, the first by position when some must go. Inside a removed block the same order
     picks the entries zeroed. Complex data is ranked by magnitude, ``|x|`` for L1 and
-    ``|x|**2`` for L2 (the reference does L1 so and cannot do L2).
+    ``|x|**2`` for L2 (the reference does L1 so and cannot do L2), with ``|x|`` as
+    ``torch.abs`` has it: ``+inf`` when a part is infinite, even if the other is NaN, else NaN
+    when a part is NaN.
     """
 
     def __init__(
