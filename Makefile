@@ -1,4 +1,4 @@
-.PHONY: setup run test lint bench
+.PHONY: setup run test test-slow lint bench
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +19,9 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 bench: setup
 	$(PY) scripts/bench_data_sparsifier.py

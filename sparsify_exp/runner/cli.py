@@ -18,6 +18,7 @@ from omegaconf import DictConfig, read_write
 from sparsify_exp.runner.config import ConfigError, validate
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
+from sparsify_exp.runner.signals import exit_code, is_stop, sigterm_raises, stop_reason
 from sparsify_exp.runner.sweep import finish_sweep, objective
 from sparsify_exp.runner.tracking import failure_reason
 
@@ -64,13 +65,19 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``python -m sparsify_exp``: Hydra's command line."""
+    """``python -m sparsify_exp``: Hydra's command line. SIGTERM and Ctrl-C end it with
+    128 + the signal's number, the run (a sweep's parent and running children) KILLED."""
     aborted: BaseException | None = None
     try:
-        _hydra_main()
+        with sigterm_raises():
+            _hydra_main()
     except BaseException as e:
         aborted = e
-        raise
+        if not is_stop(e):
+            raise
+        finish_sweep(e)
+        sys.stderr.write(f"{stop_reason(e)}\n")
+        raise SystemExit(exit_code(e)) from None
     finally:
         finish_sweep(aborted)  # on_multirun_end is skipped when a job raised; else a no-op
 

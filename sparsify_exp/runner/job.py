@@ -27,6 +27,7 @@ from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import ConfigError, validate
 from sparsify_exp.runner.context import JobInfo, job_info
 from sparsify_exp.runner.progress import Progress
+from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -45,11 +46,12 @@ def run(cfg: DictConfig) -> str:
     artifacts = job.output_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     try:
-        _log_config(tracker, c, job, artifacts)
-        built = build(cfg, c["per_name"].get("rules") or [], int(c["seed"]))
-        _execute(built, c, job, tracker, artifacts)
+        with sigterm_raises():
+            _log_config(tracker, c, job, artifacts)
+            built = build(cfg, c["per_name"].get("rules") or [], int(c["seed"]))
+            _execute(built, c, job, tracker, artifacts)
     except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if is_stop(e) else "FAILED"
         try:
             (artifacts / "error.txt").write_text(traceback.format_exc())
             upload_artifacts(tracker, artifacts, job)

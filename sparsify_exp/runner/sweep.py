@@ -37,6 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.config import ConfigError, format_value, validate
 from sparsify_exp.runner.context import absolute_under
+from sparsify_exp.runner.signals import is_stop
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -296,8 +297,16 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
     else:
         os.environ[tr.PARENT_ENV] = sweep.prev_env
     client = MlflowClient(tracking_uri=sweep.uri)
+    stopped = aborted is not None and is_stop(aborted)
     try:
         _, children = tr.find_sweep_runs(client, sweep.run_id)
+        if stopped:  # jobs the launcher was running when the signal came end with it
+            for child in children:
+                if child.info.status == "RUNNING":
+                    reason = f"sweep stopped: {tr.failure_reason(aborted)}"  # type: ignore[arg-type]
+                    client.set_tag(child.info.run_id, tr.FAILURE_TAG, reason)
+                    client.set_terminated(child.info.run_id, "KILLED")
+            _, children = tr.find_sweep_runs(client, sweep.run_id)
         failed = sum(r.info.status != "FINISHED" for r in children)
         client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(children) - failed))
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
@@ -311,12 +320,14 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
             client.log_artifact(sweep.run_id, str(results), artifact_path=REPORT_DIR)
         if aborted is not None or failed:
             reason = (
-                f"{failed} of {len(children)} jobs did not finish"
+                tr.failure_reason(aborted)  # type: ignore[arg-type]
+                if stopped
+                else f"{failed} of {len(children)} jobs did not finish"
                 if failed
                 else f"sweep aborted: {tr.failure_reason(aborted)}"  # type: ignore[arg-type]
             )
             client.set_tag(sweep.run_id, tr.FAILURE_TAG, reason)
-            client.set_terminated(sweep.run_id, "FAILED")
+            client.set_terminated(sweep.run_id, "KILLED" if stopped else "FAILED")
         else:
             client.set_terminated(sweep.run_id, "FINISHED")
     except Exception as e:

@@ -225,6 +225,10 @@ class RunTracker:
 
 def failure_reason(error: BaseException, limit: int = 2000) -> str:
     """``Type: message`` on one line, looking through Hydra's instantiation wrapper."""
+    from sparsify_exp.runner.signals import is_stop, stop_reason
+
+    if is_stop(error):
+        return stop_reason(error)
     while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
         error = error.__cause__
     text = " ".join(str(error).split())
