@@ -15,6 +15,7 @@ from sparsify_exp.sparsifier import (
     BaseDataSparsifier,
     DataNormSparsifier,
     FirstRowSparsifier,
+    count_nonfinite,
     pack_mask,
     unpack_mask,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "FirstRowSparsifier",
     "LinearScheduler",
     "StepScheduler",
+    "count_nonfinite",
     "load_masks",
     "pack_mask",
     "save_masks",
