@@ -212,7 +212,7 @@ def test_rejected_config_leaves_no_output_folder(store, cli):
     assert proc.returncode == 2, proc.stderr
     assert sorted(proc.stderr.strip().splitlines()[1:]) == [
         "  colour=red: unknown key (allowed: seed, mlflow, output, schedule, per_name, "
-        "objective, data, sparsifier, eval)",
+        "objective, data, sparsifier, train, eval)",
         "  sparsifier.sparsity_level=2: must be in [0, 1]",
     ]
     assert not (store.dir / "outputs").exists()

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from sparsify_exp.runner.config import evaluator_nodes
 from sparsify_exp.runner.data import DataBundle
 from sparsify_exp.sparsifier import count_nonfinite
 
@@ -32,6 +33,8 @@ class Built:
     evaluators: dict[str, Any]
     nonfinite: dict[str, int]
     """NaN / inf entries of each added name that has any."""
+    train_fn: Any = None
+    """The ``train.fn`` callable (see :mod:`~sparsify_exp.runner.training`), or None."""
 
 
 def per_name_config(name: str, rules: list[Mapping]) -> tuple[bool, dict]:
@@ -77,6 +80,9 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
     node = cfg.schedule.scheduler
     scheduler = instantiate(node, data_sparsifier=sp, _convert_="all") if node is not None else None
     evaluators = {
-        name: instantiate(node, _convert_="all") for name, node in (cfg.get("eval") or {}).items()
+        name: instantiate(node, _convert_="all")
+        for name, node in evaluator_nodes(cfg.get("eval")).items()
     }
-    return Built(bundle, sp, added, skipped, scheduler, evaluators, nonfinite)
+    train_node = cfg.train.get("fn") if cfg.get("train") is not None else None
+    train_fn = instantiate(train_node, _convert_="all") if train_node is not None else None
+    return Built(bundle, sp, added, skipped, scheduler, evaluators, nonfinite, train_fn)

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
-from sparsify_exp.runner.config import ConfigError, validate
+from sparsify_exp.runner.config import ConfigError, normalize_overrides, validate
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
 from sparsify_exp.runner.signals import exit_code, is_stop, sigterm_raises, stop_reason
@@ -68,6 +68,7 @@ def main() -> None:
     """``python -m sparsify_exp``: Hydra's command line. SIGTERM and Ctrl-C end it with
     128 + the signal's number, the run (a sweep's parent and running children) KILLED."""
     aborted: BaseException | None = None
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])
     try:
         with sigterm_raises():
             _hydra_main()
@@ -87,10 +88,11 @@ def compose_config(overrides: list[str] | None = None, *, hydra_config: bool = F
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = normalize_overrides(list(overrides or []))
     if GlobalHydra.instance().is_initialized():
-        return compose("config", overrides=list(overrides or []), return_hydra_config=hydra_config)
+        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return compose("config", overrides=list(overrides or []), return_hydra_config=hydra_config)
+        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
 
 
 def run_overrides(

@@ -79,6 +79,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+EVAL_EVERY = "every"
+
+
+def evaluator_nodes(node: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``eval``'s evaluators: every entry but ``every`` (the evaluation period)."""
+    return {k: v for k, v in (node or {}).items() if k != EVAL_EVERY}
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """``eval.every=N`` as ``+eval.every=N``: ``eval`` holds only the chosen evaluators
+    (``list(cfg.eval)`` names them), so the period is added when asked for."""
+    return [f"+{o}" if o.startswith(f"eval.{EVAL_EVERY}=") else o for o in overrides]
+
+
 # --------------------------------------------------------------------------- runner nodes
 
 
@@ -154,6 +168,11 @@ class ObjectiveConfig(_Node):
     infeasible: float = -1.0
 
 
+class TrainConfig(_Node):
+    fn: dict[str, Any] | None = None
+    steps_per_step: Annotated[int, Field(ge=0)] = 0
+
+
 class RunnerConfig(_Node):
     """The top level: the runner's own nodes, and the ``_target_`` nodes checked apart."""
 
@@ -165,7 +184,8 @@ class RunnerConfig(_Node):
     objective: ObjectiveConfig = ObjectiveConfig()
     data: dict[str, Any]
     sparsifier: dict[str, Any]
-    eval: dict[str, dict[str, Any]] | None = None
+    train: TrainConfig = TrainConfig()
+    eval: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- problems
@@ -397,11 +417,18 @@ def validate(cfg: DictConfig) -> list[str]:
         supplied = ("data_sparsifier", "last_epoch", "verbose")
         sched_fn = check_target(problems, "schedule.scheduler", sched_node, supplied)
         _check_schedule_length(problems, c["schedule"], sched_node)
-    evaluators = {
-        name: fn
-        for name, node in (c.get("eval") or {}).items()
-        if (fn := check_target(problems, f"eval.{name}", node)) is not None
-    }
+    evaluators = {}
+    for name, node in evaluator_nodes(c.get("eval")).items():
+        if not isinstance(node, Mapping):
+            problems.add(f"eval.{name}", node, "must be an evaluator (a mapping with _target_)")
+        elif (fn := check_target(problems, f"eval.{name}", node)) is not None:
+            evaluators[name] = fn
+    every = (c.get("eval") or {}).get(EVAL_EVERY)
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        problems.add("eval.every", every, "must be an integer >= 1 (null: only at the end)")
+    train_fn = c["train"].get("fn") if isinstance(c.get("train"), Mapping) else None
+    if isinstance(train_fn, Mapping):
+        check_target(problems, "train.fn", train_fn, supplied=("ctx",))
 
     sp = _build(problems, "sparsifier", sp_fn, c["sparsifier"]) if sp_fn else None
     if sp is not None:

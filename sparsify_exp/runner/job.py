@@ -24,11 +24,12 @@ from sparsify_exp.masks import save_masks
 from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
 from sparsify_exp.runner.build import Built, build
-from sparsify_exp.runner.config import ConfigError, validate
+from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes, validate
 from sparsify_exp.runner.context import JobInfo, job_info
 from sparsify_exp.runner.progress import Progress
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
+from sparsify_exp.runner.training import MaskedForward, TrainContext, remask
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -87,7 +88,7 @@ def start_run(c: Mapping[str, Any], job: JobInfo) -> tr.RunTracker:
         **{f"{tr.CHOICE_TAG_PREFIX}{k}": v for k, v in job.choices.items()},
         tr.OVERRIDES_TAG: " ".join(job.overrides),
         "sparsify.job_dir": str(job.output_dir),
-        tr.EVALUATORS_TAG: ",".join(c.get("eval") or {}),
+        tr.EVALUATORS_TAG: ",".join(evaluator_nodes(c.get("eval"))),
         "mlflow.source.name": "python -m sparsify_exp",
         "mlflow.source.type": "LOCAL",
         **tr.git_info(Path(__file__).resolve().parent),
@@ -132,6 +133,21 @@ def _hook(evaluators: Mapping[str, Any], hook: str, ctx: Any) -> dict[str, float
                     f"evaluator {name!r} returned a non-numeric metric {k}={v!r} from {hook}"
                 ) from e
     return out
+
+
+def _train(built: Built, sp: Any, tracker: Any, step: int, steps: int) -> None:
+    """Runs ``train.fn`` after schedule step ``step``; its metrics go under ``train/``."""
+
+    def log_train(metrics: Mapping[str, float]) -> None:
+        tracker.log_metrics({f"train/{k}": float(v) for k, v in metrics.items()}, step=step)
+
+    ctx = TrainContext(built.bundle.model, built.added, sp, step, steps, log_train)
+    try:
+        metrics = built.train_fn(ctx) or {}
+    except Exception as e:
+        raise RuntimeError(f"train.fn failed at step {step}: {type(e).__name__}: {e}") from e
+    remask(sp)
+    log_train(metrics)
 
 
 def _execute(
@@ -182,19 +198,26 @@ def _execute(
         track_churn=steps > 1,
     )
     progress = Progress(c["output"]["progress"], steps)
+    every = (c.get("eval") or {}).get(EVAL_EVERY)
+    train_steps = int(c["train"]["steps_per_step"])
     last: dict[str, float] = {}
     try:
-        for k in range(steps):
-            scheduled = measure.scheduled_value(sp)
-            sp.step()
-            if built.scheduler is not None:
-                built.scheduler.step()
-            last = measure.measure(sp, scheduled)
-            if k % int(m["log_every"]) == 0 or k == steps - 1:
-                tracker.log_metrics(last, step=k)
-            if m["masks_every"] and (k + 1) % int(m["masks_every"]) == 0 and k < steps - 1:
-                save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
-            progress.update(k, last)
+        with MaskedForward(built.bundle.model if built.train_fn else None, sp):
+            for k in range(steps):
+                scheduled = measure.scheduled_value(sp)
+                sp.step()
+                if built.scheduler is not None:
+                    built.scheduler.step()
+                if built.train_fn is not None:
+                    _train(built, sp, tracker, k, train_steps)
+                last = measure.measure(sp, scheduled)
+                if every and (k + 1) % every == 0 and k < steps - 1:  # the last: on_masked
+                    last.update(_hook(built.evaluators, "on_step", ctx))
+                if k % int(m["log_every"]) == 0 or k == steps - 1:
+                    tracker.log_metrics(last, step=k)
+                if m["masks_every"] and (k + 1) % int(m["masks_every"]) == 0 and k < steps - 1:
+                    save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
+                progress.update(k, last)
     finally:
         progress.close()
         measure.close()

@@ -7,6 +7,10 @@ The runner calls three hooks on every configured evaluator, in order:
    the masks are both available (``sparsifier.get_data(name)``, ``sparsifier.get_mask(name)``).
 3. ``on_end``    -- after ``squash_mask()``: the user's own tensors/modules hold sparse values.
 
+With ``eval.every=N``, ``on_step`` also runs after every N-th schedule step (not the last,
+which ``on_masked`` and ``on_end`` cover), with the masks of that step; by default it is
+``on_masked``. Its metrics share the keys and the step axis of the others.
+
 Each hook returns flat metrics (``{"fidelity/rel_error": 0.12}``); the runner logs them to
 the job's MLflow run. Keys start with the evaluator's ``name`` so a sweep report can find them.
 Files an evaluator writes under ``ctx.artifacts_dir`` are logged as run artifacts.
@@ -53,3 +57,6 @@ class Evaluator:
 
     def on_end(self, ctx: EvalContext) -> Metrics:
         return {}
+
+    def on_step(self, ctx: EvalContext) -> Metrics:
+        return self.on_masked(ctx)

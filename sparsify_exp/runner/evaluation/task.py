@@ -102,6 +102,11 @@ class TaskEvaluator(Evaluator):
         self._dense = self._call(ctx)
         return {metric_key(self.name, k, "dense"): v for k, v in self._dense.items()}
 
+    def on_step(self, ctx: EvalContext) -> Metrics:
+        """The callable on the masked data: a model's forward sees the masked weights while
+        it trains (``train=...``); other data is measured as it is."""
+        return {metric_key(self.name, k, "sparse"): v for k, v in self._call(ctx).items()}
+
     def on_end(self, ctx: EvalContext) -> Metrics:
         sparse = self._call(ctx)
         metrics = {metric_key(self.name, k, "sparse"): v for k, v in sparse.items()}

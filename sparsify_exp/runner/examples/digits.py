@@ -18,11 +18,12 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["DigitsMLP", "accuracy", "load_split"]
+__all__ = ["DigitsMLP", "accuracy", "finetune", "load_split"]
 
 _CACHE_VERSION = 1
 
@@ -125,3 +126,22 @@ def accuracy(model: nn.Module) -> dict[str, float]:
         "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
         "loss": float(nn.functional.cross_entropy(logits, y)),
     }
+
+
+def finetune(ctx: Any, lr: float = 0.003) -> dict[str, float]:
+    """``train=digits``: ``ctx.steps`` full-batch Adam steps on the training split, between
+    sparsifier steps (the forward pass sees the masked weights). Returns the last loss."""
+    if ctx.model is None:
+        raise ValueError("train=digits fine-tunes a model: use data=digits_mlp")
+    x, y, _, _ = load_split()
+    model = ctx.model
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(ctx.steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return {"loss": float(loss.detach())}
