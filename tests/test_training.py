@@ -88,7 +88,7 @@ def test_gradual_pruning_with_training_logs_per_step_quality_and_squashes_exact_
             "schedule=cubic",
             "schedule.steps=4",
             "sparsifier.sparsity_level=0.8",
-            "eval=[digits_accuracy]",
+            "eval=[fidelity,digits_accuracy]",
             "eval.every=1",
             "mlflow.mask_images=0",
         ],
@@ -101,6 +101,8 @@ def test_gradual_pruning_with_training_logs_per_step_quality_and_squashes_exact_
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == [0, 1, 2, 3], key
     assert run.data.metrics["sparsity/overall"] == pytest.approx(0.8, abs=0.01)
+    # against the dense weights before training: the pruned 80% are far from them
+    assert 0.3 < run.data.metrics["fidelity/rel_error"] < 1.5
     masks = load_masks(tmp_path / "job" / "artifacts" / "masks" / "final.safetensors")
     data = load_file(str(tmp_path / "job" / "artifacts" / "data" / "sparsified.safetensors"))
     for name, mask in masks.items():

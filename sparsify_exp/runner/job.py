@@ -185,7 +185,11 @@ def _execute(
     eval_dir = artifacts / "eval"
     eval_dir.mkdir(exist_ok=True)
     ctx = EvalContext(
-        named_data=built.added, sparsifier=sp, model=built.bundle.model, artifacts_dir=eval_dir
+        named_data=built.added,
+        sparsifier=sp,
+        model=built.bundle.model,
+        artifacts_dir=eval_dir,
+        extras={"training": built.train_fn is not None},
     )
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 

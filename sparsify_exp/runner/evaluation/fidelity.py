@@ -5,6 +5,11 @@ For data ``W`` and mask ``M`` (1 keeps an entry):
 * ``rel_error``   = ‖W - W⊙M‖ / ‖W‖  (Frobenius; 0 for a mask that keeps everything)
 * ``energy_kept`` = ‖W⊙M‖² / ‖W‖²    (= 1 - rel_error², since the two parts are disjoint)
 
+With training between steps (``ctx.extras["training"]``), ``W`` is the dense data as it was
+before the first step (copied in ``on_start``: 1x the data in memory), and ``W⊙M`` the trained,
+masked data: ``rel_error`` is how far training and the mask moved the data together, and
+``energy_kept`` may exceed 1.
+
 Both are logged overall (every name pooled, so large tensors weigh by their size) and per
 name, up to ``max_names`` names (the rest only go to the ``fidelity.csv`` artifact, which
 always lists every name). Computed in ``on_masked``, where the original data and the masks
@@ -39,11 +44,18 @@ def energies(data: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     return total, kept
 
 
-def _ratios(total: float, kept: float) -> tuple[float, float]:
+def _moved(dense: torch.Tensor, data: torch.Tensor, mask: torch.Tensor) -> tuple[float, ...]:
+    """``(‖W0‖², ‖W⊙M‖², ‖W0 - W⊙M‖²)`` for the dense start ``W0`` and trained data ``W``."""
+    w0 = dense.reshape(-1).double()
+    wm = data.detach().reshape(-1).double() * mask.reshape(-1)
+    return float(w0.square().sum()), float(wm.square().sum()), float((w0 - wm).square().sum())
+
+
+def _ratios(total: float, kept: float, lost: float) -> tuple[float, float]:
+    """``(rel_error, energy_kept)`` from ‖W‖², ‖W⊙M‖² and ‖W - W⊙M‖²."""
     if total == 0.0:  # all-zero data: nothing can be lost
         return 0.0, 1.0
-    kept_frac = min(max(kept / total, 0.0), 1.0)
-    return math.sqrt(1.0 - kept_frac), kept_frac
+    return math.sqrt(max(lost, 0.0) / total), max(kept / total, 0.0)
 
 
 class FidelityEvaluator(Evaluator):
@@ -57,17 +69,30 @@ class FidelityEvaluator(Evaluator):
         self.max_names = max_names
         self.write_table = write_table
 
+    def on_start(self, ctx: EvalContext) -> Metrics:
+        self._dense: dict[str, torch.Tensor] = {}
+        if ctx.extras.get("training"):  # training moves the data: keep what it was
+            sp = ctx.sparsifier
+            self._dense = {
+                n: sp.get_data(n, return_original=True).detach().clone() for n in sp.data_groups
+            }
+        return {}
+
     def on_masked(self, ctx: EvalContext) -> Metrics:
         sp = ctx.sparsifier
+        dense = getattr(self, "_dense", {})
         rows = []
-        grand_total = grand_kept = 0.0
+        grand = [0.0, 0.0, 0.0]  # ‖W‖², ‖W⊙M‖², ‖W - W⊙M‖²
         for name in sp.data_groups:
-            total, kept = energies(sp.get_data(name, return_original=True), sp.get_mask(name))
-            grand_total += total
-            grand_kept += kept
-            rel, frac = _ratios(total, kept)
-            rows.append((name, rel, frac))
-        rel, frac = _ratios(grand_total, grand_kept)
+            data, mask = sp.get_data(name, return_original=True), sp.get_mask(name)
+            if name in dense:
+                parts = _moved(dense[name], data, mask)
+            else:
+                total, kept = energies(data, mask)
+                parts = (total, kept, total - kept)
+            grand = [g + p for g, p in zip(grand, parts, strict=True)]
+            rows.append((name, *_ratios(*parts)))
+        rel, frac = _ratios(*grand)
         metrics: Metrics = {
             f"{self.name}/rel_error": rel,
             f"{self.name}/energy_kept": frac,
