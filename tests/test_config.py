@@ -98,7 +98,7 @@ MISTAKES = [
     (
         ["+sparsifier.colour=red"],
         "sparsifier.colour=red: not an argument of DataNormSparsifier "
-        "(allowed: sparsity_level, sparse_block_shape, zeros_per_block, norm)",
+        "(allowed: sparsity_level, sparse_block_shape, zeros_per_block, norm, scope)",
     ),
     (
         ["sparsifier._target_=sparsify_exp.NoSuchSparsifier"],

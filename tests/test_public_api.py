@@ -136,9 +136,11 @@ def test_sparsifier_signatures_match_torch(method):
 def test_data_norm_constructor_matches_torch():
     ours = inspect.signature(sparsify_exp.DataNormSparsifier.__init__).parameters
     ref = inspect.signature(torch_sparsifier.DataNormSparsifier.__init__).parameters
-    assert list(ours) == list(ref)
+    assert list(ours)[: len(ref)] == list(ref)  # torch's arguments, at torch's positions
     for name, param in ref.items():
         assert ours[name].default == param.default, name
+    # ours only adds arguments after them, each with a default (scope="local")
+    assert list(ours)[len(ref) :] == ["scope"] and ours["scope"].default == "local"
 
 
 def test_scheduler_constructor_matches_torch():

@@ -8,16 +8,26 @@ from sparsify_exp.sparsifier.base import (
 )
 from sparsify_exp.sparsifier.data_norm import DataNormSparsifier
 from sparsify_exp.sparsifier.first_row import FirstRowSparsifier
+from sparsify_exp.sparsifier.magnitude import MagnitudeSparsifier
 from sparsify_exp.sparsifier.mask_bits import pack_mask, unpack_mask
+from sparsify_exp.sparsifier.nm import NMSparsifier
 from sparsify_exp.sparsifier.nonfinite import count_nonfinite
+from sparsify_exp.sparsifier.random_mask import RandomSparsifier
+from sparsify_exp.sparsifier.row import CompactRows, RowSparsifier, compact_rows
 
 __all__ = [
     "SUPPORTED_TYPES",
     "BaseDataSparsifier",
+    "CompactRows",
     "DataNormSparsifier",
     "DataShapeMismatchError",
     "FirstRowSparsifier",
+    "MagnitudeSparsifier",
+    "NMSparsifier",
+    "RandomSparsifier",
+    "RowSparsifier",
     "UnsupportedDataTypeError",
+    "compact_rows",
     "count_nonfinite",
     "pack_mask",
     "unpack_mask",

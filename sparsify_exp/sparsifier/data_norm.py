@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,8 @@ import torch
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
+from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
+from sparsify_exp.sparsifier.select import Cut, KeySource, apply_cut, magnitude_keys
 
 __all__ = ["DataNormSparsifier"]
 
@@ -54,7 +56,49 @@ def _check_norm(value: Any) -> str:
     return value
 
 
-class DataNormSparsifier(BaseDataSparsifier):
+def mean_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> torch.Tensor:
+    """Each block's mean of ``|x|`` (L1) or ``|x|**2`` (L2) over its valid entries: scores
+    that compare across data of any size and block shape (a global step ranks them together).
+    """
+    scores = block_ops.block_scores(data2d, block, norm)
+    per_block = block[0] * block[1]
+    if data2d.numel() > block_ops.SMALL_ELEMENTS and per_block > 1:
+        scores.div_(per_block)  # the chunked path returns sums on the full-block scale
+    return scores
+
+
+class _ScoreKeys(KeySource):
+    """Keys of a block-score grid: a tensor, or a function computing it at each read (a global
+    step holds one name's grid at a time)."""
+
+    def __init__(
+        self,
+        scores: torch.Tensor | Callable[[], torch.Tensor],
+        numel: int,
+        key_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self._scores = scores
+        self.numel = numel
+        self.key_dtype = key_dtype
+        self.device = device
+
+    def scores(self) -> torch.Tensor:
+        return self._scores if isinstance(self._scores, torch.Tensor) else self._scores()
+
+    def keys_at(self, positions: torch.Tensor) -> torch.Tensor:
+        return magnitude_keys(self.scores().view(-1)[positions], self.key_dtype)
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        flat = self.scores().view(-1)
+        size = min(block_ops.CHUNK_ELEMENTS, self.numel)
+        buffer = torch.empty(size, dtype=self.key_dtype, device=self.device)
+        for start in range(0, self.numel, block_ops.CHUNK_ELEMENTS):
+            chunk = flat[start : start + block_ops.CHUNK_ELEMENTS]
+            yield start, magnitude_keys(chunk, self.key_dtype, out=buffer)
+
+
+class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
     r"""Zeroes the blocks of data with the lowest mean ``|x|`` (L1) or ``|x|**2`` (L2).
 
     * ``sparsity_level``: fraction of blocks removed, ``round(sparsity_level * num_blocks)``,
@@ -65,9 +109,16 @@ class DataNormSparsifier(BaseDataSparsifier):
       ``None`` means the whole block. ``(1, 4)`` with ``zeros_per_block=2`` at level 1.0 is
       2:4 semi-structured sparsity. A partial block zeroes ``min(zeros_per_block, entries)``.
     * ``norm``: ``"L1"`` or ``"L2"``.
+    * ``scope``: ``"local"`` (each data loses ``sparsity_level`` of its blocks) or
+      ``"global"``: one threshold over the block scores (means) of every data, so
+      ``round(sparsity_level * total blocks)`` are removed in all and data lose different
+      fractions; ties go by the order data were added, then by position. With ``(1, 1)``
+      blocks and L1 the masks are those of ``torch.nn.utils.prune.global_unstructured(...,
+      pruning_method=prune.L1Unstructured, amount=sparsity_level)``. Every data then needs
+      the same ``sparsity_level``; block shapes and ``zeros_per_block`` may differ.
 
-    All but ``norm`` are defaults that ``add_data(name, data, **config)`` may override per
-    name. Data is viewed as 2-D: size-1 dims dropped, 1-D as one row, N-D as
+    All but ``norm`` and ``scope`` are defaults that ``add_data(name, data, **config)`` may
+    override per name. Data is viewed as 2-D: size-1 dims dropped, 1-D as one row, N-D as
     ``(shape[0], -1)``. Masks equal the reference's on data without ties; ties are broken by
     position (the first blocks go first). A step reads the data once, in chunks, and
     allocates about a quarter of it.
@@ -89,12 +140,14 @@ class DataNormSparsifier(BaseDataSparsifier):
         sparse_block_shape: tuple[int, int] = (1, 4),
         zeros_per_block: int | None = None,
         norm: str = "L1",
+        scope: str = "local",
     ) -> None:
         block = _check_block(sparse_block_shape)
         _check_level(sparsity_level)
         if zeros_per_block is not None:
             _check_zeros(zeros_per_block, block)
         self.norm = _check_norm(norm)
+        self.scope = check_scope(scope, type(self).__name__, has_global=True)
         super().__init__(
             data_list=data_list,
             sparsity_level=sparsity_level,
@@ -122,6 +175,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         sparsity_level: float,
         sparse_block_shape: tuple[int, int],
         zeros_per_block: int | None,
+        global_cut: Cut | None = None,
         **kwargs: Any,
     ) -> None:
         level = _check_level(sparsity_level)
@@ -129,6 +183,9 @@ class DataNormSparsifier(BaseDataSparsifier):
         per_block = block[0] * block[1]
         zeros = per_block if zeros_per_block is None else _check_zeros(zeros_per_block, block)
         mask = self.get_mask(name)
+        if global_cut is not None:
+            self._write_cut(mask, data, block, zeros, global_cut)
+            return
         if data.numel() == 0:  # no blocks (and no 2-D view of, e.g., shape (0,))
             mask.fill_(True)
             return
@@ -146,12 +203,53 @@ class DataNormSparsifier(BaseDataSparsifier):
         scores = block_ops.block_scores(data2d, block, self.norm)
         removed = block_ops.smallest_k(scores, num_remove)
         del scores
+        self._write_removed(mask, data2d, removed, block, zeros)
+
+    def _write_removed(
+        self,
+        mask: torch.Tensor,
+        data2d: torch.Tensor,
+        removed: torch.Tensor,
+        block: tuple[int, int],
+        zeros: int,
+    ) -> None:
+        """``mask`` from the grid of ``removed`` blocks (a ``bool`` it may overwrite)."""
         direct = mask.dtype == torch.bool and mask.is_contiguous()
         out = mask if direct else torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
         out2d = out.view(data2d.shape)
-        if zeros == per_block:
+        if zeros == block[0] * block[1]:
             block_ops.write_block_mask(out2d, removed.logical_not_(), block)
         else:
             block_ops.write_in_block_mask(out2d, data2d, removed, block, zeros, self.norm)
         if not direct:
             mask.copy_(out)
+
+    def _write_cut(
+        self, mask: torch.Tensor, data: torch.Tensor, block: tuple[int, int], zeros: int, cut: Cut
+    ) -> None:
+        """The mask of a global step: the blocks ``cut`` removes, ``zeros`` entries each."""
+        if data.numel() == 0 or zeros == 0 or cut.keeps_all:
+            mask.fill_(True)
+            return
+        if cut.removes_all and zeros == block[0] * block[1]:
+            mask.fill_(False)
+            return
+        data2d = block_ops.as_2d(data)
+        scores = mean_scores(data2d, block, self.norm)
+        grid = scores.shape
+        keep = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
+        apply_cut(_ScoreKeys(scores, keep.numel(), cut.key_dtype, scores.device), cut, keep)
+        del scores
+        self._write_removed(mask, data2d, keep.logical_not_().view(grid), block, zeros)
+
+    def _global_keys(
+        self, name: str, data: torch.Tensor, config: dict[str, Any], key_dtype: torch.dtype
+    ) -> KeySource:
+        block = _check_block(config.get("sparse_block_shape"))
+        if data.numel() == 0:
+            return _ScoreKeys(lambda: data.new_empty(0), 0, key_dtype, data.device)
+        data2d = block_ops.as_2d(data)
+        rows, cols = block_ops.grid_shape(*data2d.shape, block)
+        return _ScoreKeys(
+            lambda: mean_scores(data2d, block, self.norm), rows * cols, key_dtype, data.device
+        )

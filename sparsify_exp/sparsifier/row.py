@@ -1,0 +1,149 @@
+"""RowSparsifier: removes whole rows (embedding vectors) of lowest norm; compact_rows drops
+them from the table for good."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+
+from sparsify_exp.errors import ConfigValueError
+from sparsify_exp.sparsifier import block_ops
+from sparsify_exp.sparsifier.base import BaseDataSparsifier, _extract_weight
+from sparsify_exp.sparsifier.data_norm import _check_level, _check_norm
+from sparsify_exp.sparsifier.scope import check_scope
+
+__all__ = ["CompactRows", "RowSparsifier", "compact_rows", "row_scores"]
+
+
+def row_scores(data: torch.Tensor, norm: str) -> torch.Tensor:
+    """One score a row (``data[i]``; an entry of 1-D data): the sum of ``|x|`` (L1) or of
+    ``|x|**2`` (L2) over the row, in float32 (float64 for 64-bit data), computed a chunk of
+    rows at a time. A row holding NaN scores NaN; one holding ``+/-inf`` (and no NaN) ``+inf``.
+    """
+    if data.dim() <= 1:
+        return block_ops._magnitude(data.reshape(-1), norm)
+    rows = data.shape[0]
+    width = data[0].numel()
+    scores = torch.empty(rows, dtype=block_ops.work_dtype(data.dtype), device=data.device)
+    if width == 0:
+        return scores.zero_()
+    step = max(1, block_ops.CHUNK_ELEMENTS // width)
+    for start in range(0, rows, step):
+        chunk = block_ops._magnitude(data[start : start + step], norm)
+        torch.sum(chunk.reshape(chunk.shape[0], -1), dim=1, out=scores[start : start + step])
+    return scores
+
+
+class RowSparsifier(BaseDataSparsifier):
+    r"""Zeroes the ``round(sparsity_level * rows)`` rows of lowest norm of each data: whole
+    embedding vectors of a table, which :func:`compact_rows` can then drop.
+
+    * ``sparsity_level``: fraction of rows removed, in ``[0, 1]``; a default that
+      ``add_data(name, data, sparsity_level=...)`` may override per name.
+    * ``norm``: ``"L1"`` (sum of ``|x|``) or ``"L2"`` (its order is that of the 2-norm).
+
+    A row is ``data[i]``: an embedding's vector, a linear layer's output unit, a convolution's
+    filter; 1-D data has one entry a row. The masks of ``torch.nn.utils.prune.ln_structured(...,
+    amount=sparsity_level, n=1 or 2, dim=0)`` on data without ties. Exactly that many rows go
+    whatever the data holds: rows rank as :class:`DataNormSparsifier` blocks do -- a row
+    holding NaN ranks above all, a row holding ``+/-inf`` just below, equal scores by
+    position (the first rows go first). A step reads the data once, a chunk of rows at a time;
+    its extra memory is one score a row. ``scope="global"`` is not supported.
+    """
+
+    def __init__(
+        self,
+        data_list: Iterable[tuple[str, Any]] | None = None,
+        sparsity_level: float = 0.5,
+        norm: str = "L1",
+        scope: str = "local",
+    ) -> None:
+        _check_level(sparsity_level)
+        self.norm = _check_norm(norm)
+        self.scope = check_scope(scope, type(self).__name__, has_global=False)
+        super().__init__(data_list=data_list, sparsity_level=sparsity_level)
+
+    def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        try:
+            config["sparsity_level"] = _check_level(config.get("sparsity_level"))
+        except ConfigValueError as error:
+            raise error.for_name(name) from None
+        return config
+
+    def update_mask(  # type: ignore[override]
+        self, name: str, data: torch.Tensor, sparsity_level: float, **kwargs: Any
+    ) -> None:
+        level = _check_level(sparsity_level)
+        mask = self.get_mask(name)
+        rows = data.shape[0] if data.dim() else 1
+        k = round(level * rows)
+        if k == 0 or data.numel() == 0:
+            mask.fill_(True)
+            return
+        if k == rows:
+            mask.fill_(False)
+            return
+        keep = block_ops.smallest_k(row_scores(data, self.norm), k).logical_not_()
+        mask.copy_(keep.view(rows, *[1] * (data.dim() - 1)).expand(mask.shape))
+
+
+class CompactRows(NamedTuple):
+    """A table without its removed rows: ``rows[remap[i]]`` is old row ``i`` when
+    ``remap[i] >= 0``; ``remap[i] == -1`` marks a removed row (it read as zeros).
+
+    Lookups: ``new = remap[ids]``, then ``rows[new.clamp(min=0)] * (new >= 0)[..., None]``.
+    """
+
+    rows: torch.Tensor
+    remap: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        """Rows kept."""
+        return int(self.rows.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compacted table: the kept rows and the index remap."""
+        return self.rows.numel() * self.rows.element_size() + (
+            self.remap.numel() * self.remap.element_size()
+        )
+
+
+def compact_rows(
+    weight: Any, mask: torch.Tensor, index_dtype: torch.dtype = torch.int64
+) -> CompactRows:
+    """The rows of ``weight`` (a tensor, parameter or embedding) that ``mask`` keeps, and the
+    index remap from old rows to new ones.
+
+    ``mask`` is a row mask (``(rows,)``) or a mask of ``weight``'s shape, e.g.
+    ``RowSparsifier.get_mask(name)``: a row is kept when any of its entries is, and a kept row
+    keeps only its kept entries (the others become 0), so lookups through the remap read what
+    the masked table held. ``index_dtype`` (int64 or int32) is the remap's dtype.
+    """
+    table = _extract_weight(weight).detach()
+    if table.dim() == 0:
+        raise ValueError("compact_rows needs data with rows (at least one dimension)")
+    if index_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index_dtype must be torch.int64 or torch.int32; got {index_dtype}")
+    rows = table.shape[0]
+    mask = torch.as_tensor(mask, device=table.device)
+    full = tuple(mask.shape) == tuple(table.shape)
+    if not full and tuple(mask.shape) != (rows,):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} fits neither the rows ({rows},) nor the "
+            f"table's shape {tuple(table.shape)}"
+        )
+    mask = mask != 0 if mask.dtype != torch.bool else mask
+    kept = mask.reshape(rows, -1).any(1) if full and table.dim() > 1 else mask.reshape(rows)
+    index = kept.nonzero().squeeze(1)
+    compact = table.index_select(0, index)
+    if full and table.dim() > 1:
+        row_mask = mask.index_select(0, index)
+        if not bool(row_mask.all()):
+            compact.mul_(row_mask)
+    remap = torch.full((rows,), -1, dtype=index_dtype, device=table.device)
+    remap[index] = torch.arange(index.numel(), dtype=index_dtype, device=table.device)
+    return CompactRows(compact, remap)
