@@ -76,3 +76,96 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
 def cli():
     """``cli(args, cwd, env=None)``: runs ``python -m sparsify_exp`` in a subprocess."""
     return run_cli
+
+
+@dataclass
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite store, proxied artifacts in ``dir``),
+    in its own process group so :meth:`kill` takes its uvicorn worker down with it."""
+
+    dir: Path
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def db(self) -> Path:
+        return self.dir / "mlflow.db"
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Starts the server on its port and store; returns once ``/health`` answers."""
+        import time
+        import urllib.request
+
+        exe = Path(sys.executable).with_name("mlflow")
+        cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mlflow"]
+        cmd += ["server", "--backend-store-uri", f"sqlite:///{self.db}"]
+        cmd += ["--artifacts-destination", str(self.dir / "artifacts")]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.dir / "server.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.dir,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.dir / "server.log").read_text()[-3000:]
+                    self.kill()
+                    raise RuntimeError(f"mlflow server did not start:\n{log}") from None
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its workers (no shutdown: in-flight requests are cut)."""
+        import contextlib
+        import signal
+
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, migrated_db):
+    """A running ``mlflow server`` (fresh sqlite store, artifacts served by the server) on a
+    free loopback port; stopped at the end. ``kill()`` then ``start()`` restarts it on the
+    same port and store."""
+    d = tmp_path / "mlflow_server"
+    d.mkdir()
+    server = MlflowServer(d, free_port())
+    shutil.copy(migrated_db, server.db)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -114,6 +114,10 @@ class MlflowConfig(_Node):
     image_max_side: Annotated[int, Field(ge=8)] = 512
     log_data: bool = True
     tags: dict[str, str | int | float | bool] = {}
+    flush_timeout_s: Annotated[float, Field(ge=0)] = 60
+    heartbeat_s: Annotated[float, Field(gt=0)] = 30
+    heartbeat_stale_s: Annotated[float, Field(gt=0)] | None = None
+    request_timeout_s: Annotated[float, Field(ge=1)] = 10
 
 
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.masks import save_masks
+from sparsify_exp.runner import spool
 from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
 from sparsify_exp.runner.build import Built, build
@@ -66,19 +67,34 @@ def run(cfg: DictConfig) -> str:
     return tracker.run_id
 
 
-def start_run(c: Mapping[str, Any], job: JobInfo) -> tr.RunTracker:
-    """Creates the job's MLflow run (a child of its sweep's parent run, when in one)."""
+def start_run(c: Mapping[str, Any], job: JobInfo) -> spool.SpoolTracker:
+    """Creates the job's MLflow run (a child of its sweep's parent run, when in one), after
+    marking FAILED the runs of the experiment whose heartbeat stopped; returns its tracker,
+    which logs through a spool in the job folder (:mod:`~sparsify_exp.runner.spool`).
+
+    Raises :class:`~sparsify_exp.runner.spool.StoreUnreachable` ("tracking server <uri>
+    unreachable: ...") within seconds when an HTTP store does not answer.
+    """
     from mlflow.tracking import MlflowClient
 
     m = c["mlflow"]
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
+    heartbeat_s = float(m.get("heartbeat_s") or 30)
+    spool.configure_http(uri, float(m.get("request_timeout_s") or 10))
+    spool.check_reachable(uri, timeout_s=min(5.0, float(m.get("request_timeout_s") or 10)))
     client = MlflowClient(tracking_uri=uri)
-    exp_id = tr.ensure_experiment(client, m["experiment"])
-    parent = None
-    if job.multirun and job.sweep_dir is not None:
-        parent = tr.parent_from_env(str(job.sweep_dir)) or tr.find_parent_by_sweep_dir(
-            client, exp_id, str(job.sweep_dir)
-        )
+    with spool.unreachable_as_error(uri):
+        exp_id = tr.ensure_experiment(client, m["experiment"])
+        try:
+            stale_s = float(m.get("heartbeat_stale_s") or 10 * heartbeat_s)
+            spool.reap_dead_runs(client, exp_id, stale_s)
+        except Exception as e:  # never stops a job: the next start tries again
+            log.warning("could not check for runs whose process died: %s", e)
+        parent = None
+        if job.multirun and job.sweep_dir is not None:
+            parent = tr.parent_from_env(str(job.sweep_dir)) or tr.find_parent_by_sweep_dir(
+                client, exp_id, str(job.sweep_dir)
+            )
     default_name = "-".join(
         v for v in (job.choices.get("sparsifier"), job.choices.get("data")) if v
     )
@@ -93,9 +109,19 @@ def start_run(c: Mapping[str, Any], job: JobInfo) -> tr.RunTracker:
         "mlflow.source.type": "LOCAL",
         **tr.git_info(Path(__file__).resolve().parent),
         **{str(k): str(v) for k, v in (m.get("tags") or {}).items()},
+        spool.HEARTBEAT_TAG: str(int(time.time())),
     }
-    tracker = tr.RunTracker.start(
-        client, exp_id, m["run_name"] or default_name or None, tags, parent_run_id=parent
+    with spool.unreachable_as_error(uri):
+        upstream = tr.RunTracker.start(
+            client, exp_id, m["run_name"] or default_name or None, tags, parent_run_id=parent
+        )
+    tracker = spool.SpoolTracker(
+        upstream,
+        job.output_dir / spool.SPOOL_DIR,
+        uri=uri,
+        experiment_id=exp_id,
+        flush_timeout_s=float(m.get("flush_timeout_s", 60)),
+        heartbeat_s=heartbeat_s,
     )
     log.info(
         "MLflow run %s (experiment %r, %s)%s",
