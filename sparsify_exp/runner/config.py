@@ -177,10 +177,16 @@ class TrainConfig(_Node):
     steps_per_step: Annotated[int, Field(ge=0)] = 0
 
 
+class CheckpointConfig(_Node):
+    every: Annotated[int, Field(ge=0)] = 0
+
+
 class RunnerConfig(_Node):
     """The top level: the runner's own nodes, and the ``_target_`` nodes checked apart."""
 
     seed: Annotated[int, Field(ge=0, le=2**64 - 1)] = 0
+    resume: str | None = None
+    checkpoint: CheckpointConfig = CheckpointConfig()
     mlflow: MlflowConfig
     output: OutputConfig
     schedule: ScheduleConfig
@@ -413,6 +419,8 @@ def validate(cfg: DictConfig) -> list[str]:
     if any(k in problems.lines for k in ("data", "sparsifier", "eval", "schedule.scheduler")):
         return _drop_derived(problems, body)
 
+    if c.get("resume"):
+        _check_resume(problems, cfg, c)
     check_target(problems, "data", c["data"])
     sp_fn = check_target(problems, "sparsifier", c["sparsifier"], supplied=("data_list",))
     sched_node = c["schedule"].get("scheduler")
@@ -562,3 +570,16 @@ def _check_schedule_length(problems: _Problems, sched: Mapping, node: Mapping) -
             start,
             f"must be < schedule.steps={steps} (the ramp would never start)",
         )
+
+
+def _check_resume(problems: _Problems, cfg: DictConfig, c: Mapping[str, Any]) -> None:
+    """``resume=``: a stopped run with a checkpoint, and overrides that agree with its config."""
+    from sparsify_exp.runner import resume
+    from sparsify_exp.runner.tracking import resolve_tracking_uri
+
+    hydra = cfg.get("hydra") if "hydra" in cfg else None
+    overrides = list(OmegaConf.select(hydra, "overrides.task", default=[]) or []) if hydra else []
+    launch = OmegaConf.select(hydra, "runtime.cwd", default=None) if hydra else None
+    uri = resolve_tracking_uri(c["mlflow"]["tracking_uri"], launch or Path.cwd())
+    for line in resume.problems(str(c["resume"]), uri, overrides, c):
+        problems.lines[f"resume:{len(problems.lines)}"] = line

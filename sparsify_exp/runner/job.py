@@ -10,6 +10,8 @@ the run FAILED (KILLED for Ctrl-C) with the reason, uploads what it had, and re-
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -21,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.masks import save_masks
-from sparsify_exp.runner import spool
+from sparsify_exp.runner import checkpoint, resume, spool
 from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
 from sparsify_exp.runner.build import Built, build
@@ -30,6 +32,7 @@ from sparsify_exp.runner.context import JobInfo, job_info
 from sparsify_exp.runner.progress import Progress
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
+from sparsify_exp.runner.sync import sync
 from sparsify_exp.runner.training import MaskedForward, TrainContext, remask
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -44,14 +47,23 @@ def run(cfg: DictConfig) -> str:
     c: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
         OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
     )
-    tracker = start_run(c, job)
+    resumed = None
+    if c.get("resume"):  # the stopped run's own config, job folder and MLflow run
+        uri = tr.resolve_tracking_uri(c["mlflow"]["tracking_uri"], job.launch_dir)
+        resumed = resume.locate(str(c["resume"]), uri)
+        sync(resumed.job_dir, out=log.info)  # what the stopped process had not uploaded
+        c = {**resumed.config, "resume": c["resume"]}
+        cfg = OmegaConf.create(c)
+        job = dataclasses.replace(job, output_dir=resumed.job_dir)
+    tracker = start_run(c, job, resume_run_id=resumed.run_id if resumed else None)
     artifacts = job.output_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     try:
         with sigterm_raises():
-            _log_config(tracker, c, job, artifacts)
+            if resumed is None:
+                _log_config(tracker, c, job, artifacts)
             built = build(cfg, c["per_name"].get("rules") or [], int(c["seed"]))
-            _execute(built, c, job, tracker, artifacts)
+            _execute(built, c, job, tracker, artifacts, resumed is not None)
     except BaseException as e:
         status = "KILLED" if is_stop(e) else "FAILED"
         try:
@@ -67,7 +79,9 @@ def run(cfg: DictConfig) -> str:
     return tracker.run_id
 
 
-def start_run(c: Mapping[str, Any], job: JobInfo) -> spool.SpoolTracker:
+def start_run(
+    c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = None
+) -> spool.SpoolTracker:
     """Creates the job's MLflow run (a child of its sweep's parent run, when in one), after
     marking FAILED the runs of the experiment whose heartbeat stopped; returns its tracker,
     which logs through a spool in the job folder (:mod:`~sparsify_exp.runner.spool`).
@@ -112,9 +126,18 @@ def start_run(c: Mapping[str, Any], job: JobInfo) -> spool.SpoolTracker:
         spool.HEARTBEAT_TAG: str(int(time.time())),
     }
     with spool.unreachable_as_error(uri):
-        upstream = tr.RunTracker.start(
-            client, exp_id, m["run_name"] or default_name or None, tags, parent_run_id=parent
-        )
+        if resume_run_id is None:
+            upstream = tr.RunTracker.start(
+                client, exp_id, m["run_name"] or default_name or None, tags, parent_run_id=parent
+            )
+        else:  # the same run goes on
+            upstream = tr.RunTracker(client, resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
+            for key in (tr.FAILURE_TAG, "mlflow.note.content"):
+                with contextlib.suppress(Exception):
+                    client.delete_tag(resume_run_id, key)
+            upstream.set_tags({spool.HEARTBEAT_TAG: str(int(time.time()))})
+    resume.write_run_file(job.output_dir, upstream.run_id, uri)
     tracker = spool.SpoolTracker(
         upstream,
         job.output_dir / spool.SPOOL_DIR,
@@ -176,14 +199,43 @@ def _train(built: Built, sp: Any, tracker: Any, step: int, steps: int) -> None:
     log_train(metrics)
 
 
+class _SkipLogged:
+    """A resumed run recomputes the steps after its checkpoint: metrics of the steps the
+    store already has are not logged twice."""
+
+    def __init__(self, tracker: Any, through: int) -> None:
+        self.tracker, self.through = tracker, through
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if step > self.through:
+            self.tracker.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
+
+
+def _last_logged_step(tracker: Any) -> int:
+    client = tracker.upstream.client
+    history = client.get_metric_history(tracker.run_id, tr.SPARSITY_KEY)
+    return max((m.step for m in history), default=-1)
+
+
 def _execute(
-    built: Built, c: Mapping[str, Any], job: JobInfo, tracker: tr.RunTracker, artifacts: Path
+    built: Built,
+    c: Mapping[str, Any],
+    job: JobInfo,
+    tracker: Any,
+    artifacts: Path,
+    resuming: bool = False,
 ) -> None:
     from sparsify_exp.runner.data import as_tensor
     from sparsify_exp.runner.evaluation import EvalContext
 
     t0 = time.perf_counter()
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
+    state = checkpoint.load(job.output_dir) if resuming else None
+    if state is not None:
+        tracker = _SkipLogged(tracker, _last_logged_step(tracker))
     sp, names = built.sparsifier, list(built.added)
     numels = {n: as_tensor(built.added[n]).numel() for n in names}
     tracker.log_params(
@@ -230,10 +282,16 @@ def _execute(
     progress = Progress(c["output"]["progress"], steps)
     every = (c.get("eval") or {}).get(EVAL_EVERY)
     train_steps = int(c["train"]["steps_per_step"])
+    checkpoint_every = int((c.get("checkpoint") or {}).get("every") or 0)
     last: dict[str, float] = {}
     try:
         with MaskedForward(built.bundle.model if built.train_fn else None, sp):
-            for k in range(steps):
+            start = 0
+            if state is not None:
+                start = checkpoint.restore(state, sp, built.scheduler, built.bundle.model) + 1
+                measure.prime(sp)
+                log.info("resumed at step %d of %d from %s", start, steps, job.output_dir)
+            for k in range(start, steps):
                 scheduled = measure.scheduled_value(sp)
                 sp.step()
                 if built.scheduler is not None:
@@ -247,6 +305,9 @@ def _execute(
                     tracker.log_metrics(last, step=k)
                 if m["masks_every"] and (k + 1) % int(m["masks_every"]) == 0 and k < steps - 1:
                     save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
+                if checkpoint_every and (k + 1) % checkpoint_every == 0 and k < steps - 1:
+                    tracker.flush()  # the store has every step the checkpoint holds
+                    checkpoint.save(job.output_dir, k, sp, built.scheduler, built.bundle.model)
                 progress.update(k, last)
     finally:
         progress.close()

@@ -106,6 +106,14 @@ class StepMetrics:
         ]
         return sum(values) / len(values) if values else None
 
+    def prime(self, sparsifier: Any) -> None:
+        """Remembers the current masks as the previous step's (a resumed run: its next step
+        then has churn like any other)."""
+        if self.churn is not None:
+            for n in self.names:
+                self.churn.update(n, sparsifier.get_mask(n))
+        self.steps_seen += 1
+
     def measure(self, sparsifier: Any, scheduled: float | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
         zeros, changed = 0, 0

@@ -1,0 +1,121 @@
+"""resume=: a run killed with kill -9 goes on from its checkpoint to the same masks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsify_exp import load_masks
+from sparsify_exp.runner import compose_config
+from sparsify_exp.runner.config import validate
+
+TRAINING = [
+    "data=digits_mlp",
+    "train=digits",
+    "train.steps_per_step=10",
+    "schedule=cubic",
+    "schedule.steps=6",
+    "sparsifier.sparsity_level=0.9",
+    "checkpoint.every=1",
+    "eval=[digits_accuracy]",
+    "eval.every=1",
+    "mlflow.mask_images=0",
+]
+
+
+def _cli(store, args: list[str], **kw) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsify_exp", *args],
+        cwd=store.dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _history(store, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in store.client.get_metric_history(run_id, key)}
+
+
+def _steps(store, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in store.client.get_metric_history(run_id, key))
+
+
+def _final_masks(run) -> dict[str, torch.Tensor]:
+    return load_masks(Path(run.data.tags["sparsify.job_dir"]) / "artifacts/masks/final.safetensors")
+
+
+def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_masks(store):
+    proc = _cli(store, TRAINING)
+    deadline = time.monotonic() + 120
+    while True:  # until three steps are in the store (and so in a checkpoint)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run never reached step 3"
+        runs = store.runs()
+        if runs and len(_steps(store, runs[0].info.run_id, "sparsity/overall")) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no chance to say anything
+    proc.wait()
+    (killed,) = store.runs()
+    run_id = killed.info.run_id
+    assert killed.info.status == "RUNNING"
+    assert len(_steps(store, run_id, "sparsity/overall")) < 6
+
+    resumed = _cli(store, [f"resume={run_id}"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    uninterrupted = _cli(store, TRAINING)
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-2000:]
+
+    runs = {r.info.run_id: r for r in store.runs()}
+    assert len(runs) == 2  # the resumed run went on in the same MLflow run
+    done = runs.pop(run_id)
+    (fresh,) = runs.values()
+    assert done.info.status == "FINISHED"
+    for key in ("sparsity/overall", "train/loss", "task/accuracy/sparse"):
+        assert _steps(store, run_id, key) == list(range(6)), key  # none twice, none missing
+        assert _history(store, run_id, key) == _history(store, fresh.info.run_id, key), key
+    a, b = _final_masks(done), _final_masks(fresh)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)  # bit-identical
+
+
+def test_resume_mistakes_are_one_line(store, tmp_path):
+    (problem,) = validate(compose_config(["resume=0123456789abcdef"]))
+    assert problem.startswith("resume=0123456789abcdef: no such run or job folder")
+    (problem,) = validate(compose_config([f"resume={tmp_path}"]))
+    assert problem == f"resume={tmp_path}: {tmp_path} is not a job folder (no mlflow_run.json)"
+
+
+@pytest.mark.parametrize("every", ["-1", "x"])
+def test_checkpoint_every_must_be_a_count(every):
+    (problem,) = validate(compose_config([f"checkpoint.every={every}"]))
+    assert problem.startswith(f"checkpoint.every={every}: must be")
+
+
+def test_a_finished_run_or_a_changed_config_cannot_be_resumed(store):
+    proc = _cli(store, ["eval=[]", "checkpoint.every=1", "schedule=linear", "schedule.steps=3"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    (run,) = store.runs()
+    again = _cli(store, [f"resume={run.info.run_id}"])
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 2
+    assert f"run {run.info.run_id} FINISHED; there is nothing to resume" in err
+    store.client.set_terminated(run.info.run_id, "FAILED")
+    changed = _cli(store, [f"resume={run.info.run_id}", "schedule.steps=9"])
+    _, err = changed.communicate(timeout=120)
+    assert changed.returncode == 2
+    assert "schedule.steps=9 differs from the run's schedule.steps=3" in err
