@@ -138,9 +138,14 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from sparsify_exp.runner.spool import StoreUnreachable
+
         jobs, complete = _validate_sweep(config)  # SystemExit(2) on a config mistake
         try:
             _start_sweep(config, len(jobs) if complete else None)
+        except StoreUnreachable as e:  # every job would fail the same way: stop here
+            sys.stderr.write(f"{e}\n")
+            raise SystemExit(1) from None
         except Exception as e:  # Hydra would downgrade it to a warning: say what it means
             log.error(
                 "could not create the sweep's parent run (%s: %s); jobs log without a parent",
@@ -204,8 +209,12 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     global _ACTIVE_SWEEP
     from mlflow.tracking import MlflowClient
 
+    from sparsify_exp.runner import spool
+
     launch = Path(config.hydra.runtime.cwd)
     uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
+    spool.configure_http(uri, float(config.mlflow.request_timeout_s))
+    spool.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
     client = MlflowClient(tracking_uri=uri)
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
     sweep_dir = str(absolute_under(launch, config.hydra.sweep.dir))
