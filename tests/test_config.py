@@ -210,11 +210,10 @@ def test_sweep_with_a_bad_job_stops_before_any_job_runs(store, cli):
 def test_rejected_config_leaves_no_output_folder(store, cli):
     proc = cli(["sparsifier.sparsity_level=2", "+colour=red"], cwd=store.dir)
     assert proc.returncode == 2, proc.stderr
-    assert sorted(proc.stderr.strip().splitlines()[1:]) == [
-        "  colour=red: unknown key (allowed: seed, mlflow, output, schedule, per_name, "
-        "objective, data, sparsifier, train, eval)",
-        "  sparsifier.sparsity_level=2: must be in [0, 1]",
-    ]
+    colour, level = sorted(proc.stderr.strip().splitlines()[1:])
+    assert colour.startswith("  colour=red: unknown key (allowed: seed, ")
+    assert all(k in colour for k in ("mlflow", "schedule", "sparsifier", "eval"))
+    assert level == "  sparsifier.sparsity_level=2: must be in [0, 1]"
     assert not (store.dir / "outputs").exists()
     assert store.runs() == []
 
