@@ -29,6 +29,7 @@ class Resumed:
 
 
 def write_run_file(job_dir: Path, run_id: str, uri: str) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
 
 
