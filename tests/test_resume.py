@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparsify_exp import load_masks
-from sparsify_exp.runner import compose_config
+from sparsify_exp.runner import compose_config, run_overrides
 from sparsify_exp.runner.config import validate
 
 TRAINING = [
@@ -105,17 +105,15 @@ def test_checkpoint_every_must_be_a_count(every):
     assert problem.startswith(f"checkpoint.every={every}: must be")
 
 
-def test_a_finished_run_or_a_changed_config_cannot_be_resumed(store):
-    proc = _cli(store, ["eval=[]", "checkpoint.every=1", "schedule=linear", "schedule.steps=3"])
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    (run,) = store.runs()
-    again = _cli(store, [f"resume={run.info.run_id}"])
-    _, err = again.communicate(timeout=120)
-    assert again.returncode == 2
-    assert f"run {run.info.run_id} FINISHED; there is nothing to resume" in err
-    store.client.set_terminated(run.info.run_id, "FAILED")
-    changed = _cli(store, [f"resume={run.info.run_id}", "schedule.steps=9"])
+def test_a_finished_run_or_a_changed_config_cannot_be_resumed(store, tmp_path):
+    run_id = run_overrides(
+        ["eval=[]", "checkpoint.every=1", "schedule=linear", "schedule.steps=3"],
+        output_dir=tmp_path / "job",
+    )
+    (problem,) = validate(compose_config([f"resume={run_id}"]))
+    assert problem == f"resume={run_id}: run {run_id} FINISHED; there is nothing to resume"
+    store.client.set_terminated(run_id, "FAILED")
+    changed = _cli(store, [f"resume={tmp_path / 'job'}", "schedule.steps=9"])
     _, err = changed.communicate(timeout=120)
-    assert changed.returncode == 2
+    assert changed.returncode == 2  # the CLI: one line, before anything runs
     assert "schedule.steps=9 differs from the run's schedule.steps=3" in err

@@ -214,6 +214,7 @@ def test_failure_mid_run_is_failed_with_reason_and_keeps_what_was_logged(store):
     assert "error.txt" in arts and "config/config.yaml" in arts
 
 
+@pytest.mark.slow  # the basic-launcher sweeps below keep a sweep end to end in the default run
 def test_sweep_with_joblib_gives_one_parent_and_three_children(store, cli):
     proc = cli(
         [
