@@ -1,11 +1,18 @@
-"""Benchmark: sparsify_exp's data sparsifier against torch's reference, in one process.
+"""Benchmark: sparsify_exp's data sparsifiers against torch's references, in one process.
 
-    python scripts/bench_data_sparsifier.py            # the default sizes (about a minute)
+    python scripts/bench_data_sparsifier.py            # the default sizes (a few minutes)
     python scripts/bench_data_sparsifier.py --big      # also step an 8 GiB table (ours only)
+    python scripts/bench_data_sparsifier.py --only new --threads 1
 
 Prints ratios, since absolute seconds on a shared machine mean little. Peak memory is the
 rise of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
 during one call, relative to the data's size.
+
+The magnitude, N:M, row and random sparsifiers are each timed against the torch function
+their tests check them against (``prune.*``'s ``compute_mask``, the mask alone, without the
+reparametrization around it; for N:M torch's reference ``DataNormSparsifier`` with
+``zeros_per_block``), and ``scope="global"`` against ``prune.global_unstructured`` as users
+call it; then a global step over >= 1 GiB of tables, for its peak memory.
 """
 
 from __future__ import annotations
@@ -24,8 +31,17 @@ from torch.ao.pruning._experimental.data_sparsifier import (
 from torch.ao.pruning._experimental.data_sparsifier import (
     DataNormSparsifier as RefDataNorm,
 )
+from torch.nn.utils import prune
 
-from sparsify_exp import DataNormSparsifier, FirstRowSparsifier
+from sparsify_exp import (
+    DataNormSparsifier,
+    FirstRowSparsifier,
+    MagnitudeSparsifier,
+    NMSparsifier,
+    RandomSparsifier,
+    RowSparsifier,
+)
+from sparsify_exp.sparsifier.row import row_scores
 
 
 class RefFirstRow(RefBase):
@@ -154,6 +170,161 @@ def bench_many_small(count: int) -> None:
             )
 
 
+def _row(label: str, ours_s: float, read_s: float, peak: float, ref_s: float | None, same) -> None:
+    ref = (
+        f"{ref_s * 1e3:9.0f} {ref_s / ours_s:8.1f}x" if ref_s is not None else f"{'-':>9} {'-':>9}"
+    )
+    print(f"{label:26s} {ours_s * 1e3:8.1f} {ours_s / read_s:7.2f}x {peak:8.2f}x {ref} {same!s:>9}")
+
+
+def _header(title: str) -> None:
+    print(f"\n== {title} ==")
+    print("targets: step / read pass <= 3x, extra peak <= 0.5x data, speed-up >= 10x")
+    print(
+        f"{'sparsifier (reference)':26s} {'step ms':>8} {'/ read':>8} {'peak':>9} "
+        f"{'ref ms':>9} {'speed-up':>9} {'same mask':>9}"
+    )
+
+
+def bench_new_sparsifiers(rows: int, cols: int, level: float) -> None:
+    """Each new sparsifier's step on one table, beside its torch reference."""
+    _header(f"nn.EmbeddingBag({rows:_}, {cols}) fp32, level {level}")
+    torch.manual_seed(0)
+    table = nn.EmbeddingBag(rows, cols)
+    weight = table.weight.detach()
+    data_bytes = weight.numel() * weight.element_size()
+
+    def compute_mask(method: prune.BasePruningMethod) -> Callable[[], torch.Tensor]:
+        return lambda: method.compute_mask(weight, default_mask=torch.ones_like(weight))
+
+    def nm_reference() -> Callable[[], torch.Tensor]:
+        ref = RefDataNorm(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+        ref.add_data("emb", table)
+
+        def step() -> torch.Tensor:
+            ref.step()
+            return ref.get_mask("emb")
+
+        return step
+
+    cases = [
+        (
+            "magnitude (l1_unstructured)",
+            MagnitudeSparsifier(sparsity_level=level),
+            compute_mask(prune.L1Unstructured(level)),
+            "equal",
+        ),
+        ("nm 2:4 (ref. DataNorm)", NMSparsifier(n=2, m=4), nm_reference(), "equal"),
+        (
+            "row L1 (ln_structured)",
+            RowSparsifier(sparsity_level=level),
+            compute_mask(prune.LnStructured(level, n=1, dim=0)),
+            "rows",
+        ),
+        (
+            "random (random_unstruct.)",
+            RandomSparsifier(sparsity_level=level, seed=0),
+            compute_mask(prune.RandomUnstructured(level)),
+            "count",
+        ),
+    ]
+    for label, ours, reference, compare in cases:
+        ours.add_data("emb", table)
+        peak = peak_added_bytes(ours.step) / data_bytes
+        expected = reference() != 0
+        mask = ours.get_mask("emb")
+        if compare == "count":
+            same = int(mask.sum()) == int(expected.sum())
+        else:
+            same = torch.equal(mask, expected.view(mask.shape))
+            if not same and compare == "rows":
+                same = _row_ties(weight, mask[:, 0], expected[:, 0], level)
+        del expected
+        best = interleaved_best(
+            {
+                "read": (lambda: weight.abs().sum(), 3),
+                "ours": (ours.step, 3),
+                "ref": (reference, 1),
+            },
+            rounds=2,
+        )
+        _row(label, best["ours"], best["read"], peak, best["ref"], same)
+        ours.squash_mask(leave_parametrized=False)
+        del ours, reference
+        gc.collect()
+
+
+def _row_ties(weight: torch.Tensor, ours: torch.Tensor, ref: torch.Tensor, level: float):
+    """``"ties (n)"`` when the masks differ only on rows whose fp32 L1 norm equals the k-th
+    lowest (torch's topk breaks such ties its own way, ours by position); else False."""
+    scores = row_scores(weight, "L1")
+    kth = scores.kthvalue(round(level * scores.numel())).values
+    differ = ours != ref
+    if int(ours.sum()) == int(ref.sum()) and bool((scores[differ] == kth).all()):
+        return f"ties ({int(differ.sum())})"
+    return False
+
+
+def _tables(count: int, rows: int, cols: int) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [nn.EmbeddingBag(rows, cols).weight.detach() * (i + 1) for i in range(count)]
+
+
+def _global_unstructured(weights: list[torch.Tensor], level: float) -> list[torch.Tensor]:
+    """torch's global magnitude pruning as users call it, on modules sharing ``weights``."""
+    modules = []
+    for weight in weights:
+        module = nn.Module()
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        modules.append(module)
+    prune.global_unstructured(
+        [(m, "weight") for m in modules], pruning_method=prune.L1Unstructured, amount=level
+    )
+    return [m.weight_mask for m in modules]
+
+
+def bench_global(count: int, rows: int, cols: int, level: float, reference: bool) -> None:
+    """scope="global" over ``count`` tables, beside prune.global_unstructured."""
+    weights = _tables(count, rows, cols)
+    data_bytes = sum(w.numel() * w.element_size() for w in weights)
+    _header(
+        f"scope=global over {count} x ({rows:_}, {cols}) fp32 = {data_bytes / 2**30:.2f} GiB, "
+        f"level {level}"
+    )
+    expected = None
+    if reference:
+        expected = [m != 0 for m in _global_unstructured(weights, level)]
+        gc.collect()
+    variants = [
+        ("magnitude, global", MagnitudeSparsifier(sparsity_level=level, scope="global")),
+        (
+            "data norm (1,1), global",
+            DataNormSparsifier(sparsity_level=level, sparse_block_shape=(1, 1), scope="global"),
+        ),
+        ("data norm (1,4), global", DataNormSparsifier(sparsity_level=level, scope="global")),
+    ]
+    for label, ours in variants:
+        for i, weight in enumerate(weights):
+            ours.add_data(f"tables.{i}.weight", weight)
+        peak = peak_added_bytes(ours.step) / data_bytes
+        masks = [ours.get_mask(f"tables.{i}.weight") for i in range(count)]
+        removed = sum(int((~m).sum()) for m in masks)
+        exact = removed == round(level * sum(w.numel() for w in weights))
+        comparable = expected is not None and "(1,4)" not in label
+        same = all(map(torch.equal, masks, expected)) if comparable else exact
+        fns = {"read": (lambda: [w.abs().sum() for w in weights], 2), "ours": (ours.step, 2)}
+        if comparable:
+            fns["ref"] = (lambda: _global_unstructured(weights, level), 1)
+        best = interleaved_best(fns, rounds=2)
+        _row(label, best["ours"], best["read"], peak, best.get("ref"), same)
+        ours.squash_mask(leave_parametrized=False)
+        del ours, masks
+        gc.collect()
+    if expected is not None:
+        peak = peak_added_bytes(lambda: _global_unstructured(weights, level)) / data_bytes
+        print(f"{'global_unstructured peak':26s} {'':8} {'':8} {peak:8.2f}x")
+
+
 def bench_eight_gib() -> None:
     rows, cols = 16_000_000, 128
     print(f"\n== {rows:_} x {cols} fp32 (8 GiB), level 0.8, block (1, 4): ours only ==")
@@ -178,10 +349,36 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=64)
     parser.add_argument("--small", type=int, default=10_000, help="count of small tensors")
     parser.add_argument("--big", action="store_true", help="also step an 8 GiB table")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--only",
+        choices=["all", "data_norm", "new"],
+        default="all",
+        help="data_norm: the data norm comparisons; new: the other sparsifiers and scope=global",
+    )
+    parser.add_argument(
+        "--global-tables", type=int, default=4, help="tables of --rows x --cols for >= 1 GiB"
+    )
+    parser.add_argument(
+        "--big-global-reference",
+        action="store_true",
+        help="also run prune.global_unstructured on the >= 1 GiB tables (about 4x their memory)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_big_table(args.rows, args.cols, 0.8, (1, 4))
-    bench_many_small(args.small)
+    if args.only in ("all", "data_norm"):
+        bench_big_table(args.rows, args.cols, 0.8, (1, 4))
+        bench_many_small(args.small)
+    if args.only in ("all", "new"):
+        bench_new_sparsifiers(args.rows, args.cols, 0.8)
+        # the same entries as one table, split in 4: the speed-up over global_unstructured
+        bench_global(4, args.rows // 4, args.cols, 0.8, reference=True)
+        # >= 1 GiB of tables: the peak memory of a global step
+        bench_global(
+            args.global_tables, args.rows, args.cols, 0.8, reference=args.big_global_reference
+        )
     if args.big:
         bench_eight_gib()
 

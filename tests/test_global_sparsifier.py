@@ -112,9 +112,9 @@ def test_embedding_bags_and_mixed_dtypes():
         assert torch.equal(table.weight.detach(), weights[name] * expected[name])
 
 
-def _mean_scores(data: torch.Tensor, block) -> torch.Tensor:
-    """Float64 block means of |x| over the documented 2-D view (partial blocks: valid
-    entries only), row-major."""
+def _mean_scores(data: torch.Tensor, block, norm: str = "L1") -> torch.Tensor:
+    """Float64 block means of |x| (L1) or x**2 (L2) over the documented 2-D view (partial
+    blocks: valid entries only), row-major."""
     squeezed = data.squeeze()
     d2 = squeezed.reshape(1, -1) if squeezed.dim() <= 1 else squeezed.reshape(squeezed.shape[0], -1)
     height, width = d2.shape
@@ -123,7 +123,8 @@ def _mean_scores(data: torch.Tensor, block) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=torch.float64)
     for r in range(rows):
         for c in range(cols):
-            out[r, c] = d2[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].double().abs().mean()
+            values = d2[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].double().abs()
+            out[r, c] = (values if norm == "L1" else values.square()).mean()
     return out
 
 
@@ -140,21 +141,23 @@ def _removed_blocks(mask: torch.Tensor, block) -> torch.Tensor:
     return out
 
 
-def test_blocks_rank_by_their_mean_across_names_and_block_shapes():
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_blocks_rank_by_their_mean_across_names_and_block_shapes(norm):
     gen = torch.Generator().manual_seed(4)
     tensors = {
         "a": torch.randn(12, 16, generator=gen, dtype=torch.float64),
         "b.weight": torch.randn(9, 10, generator=gen, dtype=torch.float64) * 2,  # partial blocks
         "c": torch.randn(40, generator=gen, dtype=torch.float64) * 0.5,
+        "d": torch.randn(30, 11, generator=gen, dtype=torch.float64).t() * 0.8,  # (1, 1) blocks
     }
-    blocks = {"a": (1, 4), "b.weight": (2, 3), "c": (1, 4)}
-    zeros = {"a": None, "b.weight": 2, "c": None}
+    blocks = {"a": (1, 4), "b.weight": (2, 3), "c": (1, 4), "d": (1, 1)}
+    zeros = {"a": None, "b.weight": 2, "c": None, "d": None}
     for level in (0.25, 0.5, 0.85):
-        sp = DataNormSparsifier(sparsity_level=level, scope="global")
+        sp = DataNormSparsifier(sparsity_level=level, scope="global", norm=norm)
         for name, data in tensors.items():
             sp.add_data(name, data, sparse_block_shape=blocks[name], zeros_per_block=zeros[name])
         sp.step()
-        scores = torch.cat([_mean_scores(t, blocks[n]).flatten() for n, t in tensors.items()])
+        scores = torch.cat([_mean_scores(t, blocks[n], norm).flatten() for n, t in tensors.items()])
         removed = torch.cat([_removed_blocks(sp.get_mask(n), blocks[n]).flatten() for n in tensors])
         k = round(level * scores.numel())
         expected = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -209,7 +212,7 @@ def test_the_data_is_never_concatenated(monkeypatch):
         return out
 
     monkeypatch.setattr(select.torch, "cat", recording_cat)
-    tensors = layers(5, [(500, 400), (700, 300), (300_000,)])
+    tensors = layers(5, [(1000, 800), (700, 600), (600_000,)])
     total = sum(t.numel() for t in tensors.values())
     for cls in (MagnitudeSparsifier, DataNormSparsifier):
         kwargs = {"sparse_block_shape": (1, 1)} if cls is DataNormSparsifier else {}

@@ -12,7 +12,7 @@ from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
-from sparsify_exp.sparsifier.select import Cut, KeySource, apply_cut, magnitude_keys
+from sparsify_exp.sparsifier.select import Cut, DataKeys, KeySource, apply_cut, magnitude_keys
 
 __all__ = ["DataNormSparsifier"]
 
@@ -234,6 +234,17 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         if cut.removes_all and zeros == block[0] * block[1]:
             mask.fill_(False)
             return
+        if block == (1, 1):  # the scores are the entries' own magnitudes: no grid
+            direct = mask.dtype == torch.bool and mask.is_contiguous()
+            keep = (
+                mask.view(-1)
+                if direct
+                else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
+            )
+            apply_cut(self._entry_keys(data, cut.key_dtype), cut, keep)
+            if not direct:
+                mask.copy_(keep.view(mask.shape))
+            return
         data2d = block_ops.as_2d(data)
         scores = mean_scores(data2d, block, self.norm)
         grid = scores.shape
@@ -242,10 +253,17 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         del scores
         self._write_removed(mask, data2d, keep.logical_not_().view(grid), block, zeros)
 
+    def _entry_keys(self, data: torch.Tensor, key_dtype: torch.dtype) -> DataKeys:
+        """(1, 1) blocks: the keys of each entry's score (``|x|`` or ``|x|**2``), read from the
+        data in chunks in the order of the 2-D view (row-major, as the data's own)."""
+        return DataKeys(data, key_dtype, square=self.norm == "L2")
+
     def _global_keys(
         self, name: str, data: torch.Tensor, config: dict[str, Any], key_dtype: torch.dtype
     ) -> KeySource:
         block = _check_block(config.get("sparse_block_shape"))
+        if block == (1, 1):
+            return self._entry_keys(data, key_dtype)
         if data.numel() == 0:
             return _ScoreKeys(lambda: data.new_empty(0), 0, key_dtype, data.device)
         data2d = block_ops.as_2d(data)

@@ -47,21 +47,28 @@ def _check_groups(name: str, shape: Sequence[int], m: int) -> None:
         )
 
 
-def _keep_largest(keys: torch.Tensor, n: int, keep: torch.Tensor) -> None:
+def _keep_largest(
+    keys: torch.Tensor, n: int, keep: torch.Tensor, scratch: dict[str, torch.Tensor]
+) -> None:
     """``keep`` (G, m) = the ``n`` largest keys of each row of ``keys`` (G, m); among equal
-    keys the later entries rank higher (the first ones are removed first)."""
-    m = keys.shape[1]
+    keys the later entries rank higher (the first ones are removed first). ``scratch`` holds
+    buffers reused from chunk to chunk."""
+    groups, m = keys.shape
     if m > _PAIRWISE_MAX_M:
         order = torch.sort(keys, dim=1, stable=True).indices
         keep.fill_(True)
         keep.scatter_(1, order[:, : m - n], False)
         return
+    if "rank" not in scratch or scratch["rank"].numel() < keys.numel():
+        scratch["rank"] = torch.empty(keys.numel(), dtype=torch.uint8, device=keys.device)
+        scratch["below"] = torch.empty(groups, dtype=torch.bool, device=keys.device)
     # rank[i] = entries of the group ranking below entry i: j < i with key_j <= key_i, and
     # j > i with key_j < key_i; entry i is kept when at least m - n rank below it
-    rank = torch.zeros(keys.shape, dtype=torch.uint8, device=keys.device)
+    rank = scratch["rank"][: keys.numel()].view(groups, m).zero_()
+    below = scratch["below"][:groups]
     for i in range(m):
         for j in range(i + 1, m):
-            below = keys[:, i] <= keys[:, j]  # i ranks below j
+            torch.le(keys[:, i], keys[:, j], out=below)  # i ranks below j
             rank[:, j] += below
             rank[:, i] += below.logical_not_()
     torch.ge(rank, m - n, out=keep)
@@ -138,9 +145,10 @@ class NMSparsifier(BaseDataSparsifier):
         key_dtype = key_dtype_for(data.dtype)
         limit = max(m, CHUNK_ELEMENTS // m * m)  # chunks hold whole groups
         buffer = torch.empty(min(limit, data.numel()), dtype=key_dtype, device=data.device)
+        scratch: dict[str, torch.Tensor] = {}
         for start, view in flat_views(data, limit):
             keys = magnitude_keys(view, key_dtype, out=buffer)
             out = keep[start : start + keys.numel()]
-            _keep_largest(keys.view(-1, m), n, out.view(-1, m))
+            _keep_largest(keys.view(-1, m), n, out.view(-1, m), scratch)
         if not direct:
             mask.copy_(keep.view(mask.shape))

@@ -60,13 +60,17 @@ def _mix_(h: torch.Tensor, scratch: torch.Tensor) -> None:
 
 
 def random_keys(
-    positions_low: torch.Tensor, high: int | torch.Tensor, salt: tuple[int, int]
+    positions_low: torch.Tensor,
+    high: int | torch.Tensor,
+    salt: tuple[int, int],
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """31-bit keys of flat positions ``high * 2**32 + positions_low`` (``positions_low``:
     int32, the position modulo 2**32 as a signed word; consumed): a pure function of the
-    position and the salt, so every chunking, layout and device gives the same keys."""
+    position and the salt, so every chunking, layout and device gives the same keys.
+    ``scratch``: an int32 tensor like ``positions_low`` to work in."""
     h = positions_low
-    scratch = torch.empty_like(h)
+    scratch = torch.empty_like(h) if scratch is None else scratch
     h.add_(_signed32(salt[0]))
     _mix_(h, scratch)
     if isinstance(high, torch.Tensor):
@@ -92,11 +96,11 @@ class RandomKeys(KeySource):
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         # CHUNK_ELEMENTS divides 2**32: a chunk never straddles a change of the high word
         base = torch.arange(min(CHUNK_ELEMENTS, self.numel), dtype=torch.int32, device=self.device)
-        buffer = torch.empty_like(base)
+        buffer, scratch = torch.empty_like(base), torch.empty_like(base)
         for start in range(0, self.numel, CHUNK_ELEMENTS):
             count = min(CHUNK_ELEMENTS, self.numel - start)
             keys = torch.add(base[:count], _signed32(start), out=buffer[:count])
-            yield start, random_keys(keys, start >> 32, self.salt)
+            yield start, random_keys(keys, start >> 32, self.salt, scratch[:count])
 
 
 def _bracket(numel: int, k: int) -> tuple[int, int]:

@@ -26,13 +26,25 @@ def row_scores(data: torch.Tensor, norm: str) -> torch.Tensor:
         return block_ops._magnitude(data.reshape(-1), norm)
     rows = data.shape[0]
     width = data[0].numel()
-    scores = torch.empty(rows, dtype=block_ops.work_dtype(data.dtype), device=data.device)
+    work = block_ops.work_dtype(data.dtype)
+    scores = torch.empty(rows, dtype=work, device=data.device)
     if width == 0:
         return scores.zero_()
     step = max(1, block_ops.CHUNK_ELEMENTS // width)
+    # one buffer for every chunk: a fresh chunk-size tensor each time costs more than the math
+    buffer = torch.empty(min(step, rows) * width, dtype=work, device=data.device)
     for start in range(0, rows, step):
-        chunk = block_ops._magnitude(data[start : start + step], norm)
-        torch.sum(chunk.reshape(chunk.shape[0], -1), dim=1, out=scores[start : start + step])
+        chunk = data[start : start + step]
+        values = buffer[: chunk.numel()].view(chunk.shape)
+        if chunk.is_complex():
+            values.copy_(chunk.abs())
+        elif chunk.dtype == work:
+            torch.abs(chunk, out=values)
+        else:
+            values.copy_(chunk).abs_()
+        if norm == "L2":
+            values.square_()
+        torch.sum(values.view(chunk.shape[0], -1), dim=1, out=scores[start : start + step])
     return scores
 
 
