@@ -76,7 +76,8 @@ def storage_sizes(
 
 
 def block_factors(rows: int, cols: int, max_side: int) -> tuple[int, int]:
-    """Rows and columns per block so that a ``rows x cols`` mask fits ``max_side`` a side."""
+    """Rows and columns per block so that a ``rows x cols`` mask fits ``max_side`` a side;
+    an axis that fits is not reduced."""
     return max(1, math.ceil(rows / max_side)), max(1, math.ceil(cols / max_side))
 
 
@@ -117,42 +118,56 @@ def block_average(
 
 
 def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int) -> int:
-    """A PNG per 2-D mask (at most ``limit``): fraction kept, block-averaged when large."""
+    """A PNG per 2-D mask (at most ``limit``). A mask larger than ``max_side`` a side is drawn
+    in blocks (only the long axis is reduced); a block is white when every entry is kept and
+    coloured by the fraction pruned on a log scale otherwise, so 1 pruned entry in 1000
+    still shows: no pruned row or column can disappear."""
     two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
     if not two_d:
         return 0
+    import numpy as np
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     from sparsify_exp.runner import tracking as tr
 
     out.mkdir(parents=True, exist_ok=True)
+    cmap = colormaps["viridis_r"].with_extremes(bad="white")
     for name in two_d:
         mask = sp.get_mask(name)
         rows, cols = mask.shape
-        img = block_average(mask, max_side)
-        h, w = img.shape
         fh, fw = block_factors(rows, cols, max_side)
-        sparsity = 1.0 - float(mask.count_nonzero()) / max(mask.numel(), 1)
-        fig = Figure(figsize=(6.4, 4.8), dpi=100)
+        pruned = 1.0 - block_average(mask, max_side).numpy().astype(np.float64)
+        h, w = pruned.shape
+        removed = mask.numel() - int(mask.count_nonzero())
+        # at least a pixel a block (the axes take about 3/4 of the figure), so none is dropped
+        fig = Figure(figsize=(max(6.4, w / 75 + 1.6), max(4.8, h / 75 + 1.2)), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
+        smallest = 1.0 / (fh * fw) if fh * fw > 1 else 0.5
         im = ax.imshow(
-            img.numpy(),
-            cmap="gray",
-            vmin=0.0,
-            vmax=1.0,
+            np.ma.masked_less_equal(pruned, 0.0),
+            cmap=cmap,
+            norm=LogNorm(vmin=min(smallest, 1e-3) if fh * fw > 1 else smallest, vmax=1.0),
             aspect="auto",
             interpolation="nearest",
             extent=(0, w * fw, h * fh, 0),  # a partial edge block is drawn at its true size
         )
         ax.set_xlim(0, cols)
         ax.set_ylim(rows, 0)
-        note = "" if (h, w) == (rows, cols) else f" (block-averaged to {h}x{w})"
-        ax.set_title(f"{name}  {rows}x{cols}  sparsity {sparsity:.1%}{note}", fontsize=9)
+        for spine in ax.spines.values():  # a frame line would hide the first and last rows
+            spine.set_visible(False)
+        note = "" if (h, w) == (rows, cols) else f"; blocks of {fh}x{fw}"
+        ax.set_title(
+            f"{name}  {rows}x{cols}: {removed:,} of {mask.numel():,} zeroed "
+            f"({removed / max(mask.numel(), 1):.3%}){note}",
+            fontsize=9,
+        )
         ax.set_xlabel("column")
         ax.set_ylabel("row")
-        fig.colorbar(im, ax=ax, label="fraction kept (white = kept, black = zeroed)")
+        fig.colorbar(im, ax=ax, label="fraction pruned (white: all kept)")
         fig.tight_layout()
         fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
     return len(two_d)

@@ -76,6 +76,9 @@ def run(cfg: DictConfig) -> str:
         raise
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
+    with contextlib.suppress(Exception):  # the store may be away: the run is spooled
+        exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
+        log.info("run %s: %s", tracker.run_id, tr.run_url(tracker.uri, exp_id, tracker.run_id))
     return tracker.run_id
 
 
@@ -342,17 +345,37 @@ def _execute(
     tracker.log_metrics(sizes, step=final)
     tracker.log_metrics(_hook(built.evaluators, "on_end", ctx), step=final)
     tracker.log_metrics({"time/run_s": time.perf_counter() - t0}, step=final)
+    zeroed = sum(numels[n] - kept[n] for n in names)
+    total = sum(numels.values())
     log.info(
-        "done: sparsity %.4f over %d names (min %.4f, max %.4f); %d mask image(s); "
-        "%.1f MB dense -> %.1f MB as bitmask + kept values",
-        last.get("sparsity/overall", math.nan),
+        "done: %s of %s entries zeroed (%s) over %d names (per name %s to %s); "
+        "%d mask image(s); %s dense -> %s as bitmask + kept values",
+        f"{zeroed:,}",
+        f"{total:,}",
+        _percent(zeroed / max(total, 1)),
         len(names),
-        last.get("sparsity/min", math.nan),
-        last.get("sparsity/max", math.nan),
+        _percent(last.get("sparsity/min", math.nan)),
+        _percent(last.get("sparsity/max", math.nan)),
         n_img,
-        sizes["size/dense_bytes"] / 1e6,
-        sizes["size/compressed_bytes"] / 1e6,
+        human_bytes(sizes["size/dense_bytes"]),
+        human_bytes(sizes["size/compressed_bytes"]),
     )
+
+
+def _percent(fraction: float) -> str:
+    """Enough digits that a small fraction is not shown as 0 (0.004%, 12.5%)."""
+    if not math.isfinite(fraction) or fraction in (0.0, 1.0):
+        return f"{fraction:.0%}"
+    digits = max(1, min(6, 1 - math.floor(math.log10(fraction * 100))))
+    return f"{fraction * 100:.{digits}f}%"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def upload_artifacts(tracker: tr.RunTracker, artifacts: Path, job: JobInfo) -> None:
