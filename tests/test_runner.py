@@ -310,3 +310,14 @@ def test_nonfinite_data_is_reported_and_masked_exactly(store, cli):
     (run,) = store.runs()
     assert run.data.params["data.nonfinite"] == "4000"
     assert run.data.metrics["sparsity/overall"] == pytest.approx(0.95)
+
+
+def test_a_block_larger_than_the_data_is_said(store, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="sparsify_exp.runner"):
+        run_overrides(
+            ["sparsifier.sparse_block_shape=[100000,100000]", "eval=[]", "mlflow.mask_images=0"],
+            output_dir=tmp_path / "job",
+        )
+    said = [r.getMessage() for r in caplog.records if "covers all of" in r.getMessage()]
+    assert len(said) == 3
+    assert said[0].startswith("sparse_block_shape=[100000, 100000] covers all of encoder.")

@@ -69,6 +69,7 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
         raise ValueError(
             f"per_name rules skip every name ({len(skipped)}); nothing left to sparsify"
         )
+    _warn_whole_tensor_blocks(sp, added)
     nonfinite = {n: c for n in added if (c := count_nonfinite(added[n]))}
     for name, count in nonfinite.items():
         log.warning(
@@ -86,3 +87,22 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
     train_node = cfg.train.get("fn") if cfg.get("train") is not None else None
     train_fn = instantiate(train_node, _convert_="all") if train_node is not None else None
     return Built(bundle, sp, added, skipped, scheduler, evaluators, nonfinite, train_fn)
+
+
+def _warn_whole_tensor_blocks(sp: Any, added: Mapping[str, Any]) -> None:
+    """A block at least as large as a tensor makes it one block: kept or removed whole."""
+    for name in added:
+        block = sp.data_groups[name].get("sparse_block_shape")
+        if not block:
+            continue
+        data = sp.get_data(name, return_original=True)
+        rows, cols = (1, data.numel()) if data.dim() < 2 else (data.shape[0], data[0].numel())
+        if block[0] >= rows and block[1] >= cols and rows * cols > 1:
+            log.warning(
+                "sparse_block_shape=%s covers all of %s (%dx%d): it is one block, kept or "
+                "removed whole",
+                list(block),
+                name,
+                rows,
+                cols,
+            )
