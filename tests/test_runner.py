@@ -321,3 +321,26 @@ def test_a_block_larger_than_the_data_is_said(store, tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "covers all of" in r.getMessage()]
     assert len(said) == 3
     assert said[0].startswith("sparse_block_shape=[100000, 100000] covers all of encoder.")
+
+
+@pytest.mark.parametrize("sparsifier", ["magnitude", "nm", "row", "random"])
+@pytest.mark.parametrize("data", ["embeddings", "model", "file"])
+def test_every_sparsifier_runs_on_every_kind_of_data(sparsifier, data, store, tmp_path):
+    overrides = [f"sparsifier={sparsifier}", "eval=[]", "mlflow.mask_images=0"]
+    if data == "file":
+        save_file(
+            {"emb.weight": torch.randn(64, 16), "proj.weight": torch.randn(8, 16)},
+            str(tmp_path / "ckpt.safetensors"),
+        )
+        overrides += ["data=file", f"data.path={tmp_path / 'ckpt.safetensors'}"]
+    elif data == "model":
+        overrides += ["data=model", "data.module.sizes=[32,16,8]", "data.exclude=[*.bias]"]
+    else:
+        overrides += ["data=embeddings", "data.tables.1.num_embeddings=500"]
+    run = store.client.get_run(run_overrides(overrides, output_dir=tmp_path / "job"))
+    assert run.info.status == "FINISHED"
+    # every default removes half: level 0.5, or 2 of every 4 (nm)
+    assert run.data.metrics["sparsity/overall"] == pytest.approx(0.5, abs=0.02)
+    if sparsifier == "row":
+        assert run.data.metrics["rows/kept"] < run.data.metrics["rows/total"]
+        assert run.data.metrics["size/row_compacted_bytes"] < run.data.metrics["size/dense_bytes"]

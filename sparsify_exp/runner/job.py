@@ -34,6 +34,7 @@ from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
 from sparsify_exp.runner.sync import sync
 from sparsify_exp.runner.training import MaskedForward, TrainContext, remask
+from sparsify_exp.sparsifier.row import RowSparsifier, compact_rows
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -327,6 +328,7 @@ def _execute(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
+    rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) else {}
     sp.squash_mask()
 
     # ---- the sparsified data, in the input's format, and what it costs on disk
@@ -342,6 +344,7 @@ def _execute(
     sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
         sizes["size/compressed_bytes"], 1
     )
+    sizes.update(rows)
     tracker.log_metrics(sizes, step=final)
     tracker.log_metrics(_hook(built.evaluators, "on_end", ctx), step=final)
     tracker.log_metrics({"time/run_s": time.perf_counter() - t0}, step=final)
@@ -360,6 +363,23 @@ def _execute(
         human_bytes(sizes["size/dense_bytes"]),
         human_bytes(sizes["size/compressed_bytes"]),
     )
+
+
+def _compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
+    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
+    an index remap (what serving the sparsified tables costs)."""
+    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
+    log.info(
+        "rows kept: %s of %s; compacted to kept rows + remap: %s",
+        f"{sum(c.num_rows for c in compact.values()):,}",
+        f"{sum(c.remap.numel() for c in compact.values()):,}",
+        human_bytes(sum(c.nbytes for c in compact.values())),
+    )
+    return {
+        "rows/kept": float(sum(c.num_rows for c in compact.values())),
+        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
+        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
+    }
 
 
 def _percent(fraction: float) -> str:
