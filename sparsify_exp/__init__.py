@@ -4,6 +4,7 @@ and an experiment runner in :mod:`sparsify_exp.runner` (Hydra, MLflow), loaded o
 
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.masks import load_masks, save_masks
+from sparsify_exp.quantize import post_training_sparse_quantize
 from sparsify_exp.scheduler import (
     BaseDataScheduler,
     ConstantScheduler,
@@ -45,6 +46,7 @@ __all__ = [
     "count_nonfinite",
     "load_masks",
     "pack_mask",
+    "post_training_sparse_quantize",
     "save_masks",
     "unpack_mask",
 ]

@@ -143,6 +143,7 @@ def _tracking_uri(uri: str | None) -> str | None:
 class OutputConfig(_Node):
     write_data: bool = True
     progress: Literal["auto", "bar", "log", "none"] = "auto"
+    quantize: bool = False
 
 
 class ScheduleConfig(_Node):

@@ -11,6 +11,7 @@ the run FAILED (KILLED for Ctrl-C) with the reason, uploads what it had, and re-
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -330,9 +331,14 @@ def _execute(
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
     rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) else {}
     sp.squash_mask()
+    tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
+    if c["output"].get("quantize") and not tables:
+        raise RuntimeError("output.quantize=true: the data has no embedding tables")
 
     # ---- the sparsified data, in the input's format, and what it costs on disk
     sizes = storage_sizes(built.bundle, built.added, kept)
+    if tables:
+        sizes["size/quantized_bytes"] = _quantized_bytes(built.bundle, tables, kept)
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +369,41 @@ def _execute(
         human_bytes(sizes["size/dense_bytes"]),
         human_bytes(sizes["size/compressed_bytes"]),
     )
+
+
+def _embedding_tables(bundle: Any) -> dict[str, Any]:
+    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
+    written under: embedding modules of the named data, and a model's embedding submodules."""
+    from torch import nn
+
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
+    if bundle.model is not None:
+        for prefix, module in bundle.model.named_modules():
+            if isinstance(module, kinds) and module not in tables.values():
+                tables[f"{prefix}.weight" if prefix else "weight"] = module
+    return tables
+
+
+def _quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
+    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
+    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
+    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
+    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
+
+    total = 0
+    for name, t in bundle.tensors().items():
+        if name not in tables:
+            total += t.numel() * t.element_size()
+    for name, module in tables.items():
+        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
+            module = copy.deepcopy(module).cpu()
+        qweight = quantize_embedding(module).weight()  # the table as it would be served
+        rows = qweight.q_per_channel_scales().numel()
+        entries = kept.get(name, qweight.numel())
+        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
+    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
+    return float(total)
 
 
 def _compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
