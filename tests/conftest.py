@@ -72,6 +72,27 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     )
 
 
+def start_cli(args: list[str], cwd: Path, **popen: object) -> subprocess.Popen:
+    """``python -m sparsify_exp *args`` started in ``cwd`` (for signals, kills, polling)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsify_exp", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.fixture
+def started_cli():
+    """``started_cli(args, cwd, **popen)``: a running ``python -m sparsify_exp`` process."""
+    return start_cli
+
+
 @pytest.fixture
 def cli():
     """``cli(args, cwd, env=None)``: runs ``python -m sparsify_exp`` in a subprocess."""

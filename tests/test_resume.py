@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,19 +27,6 @@ TRAINING = [
 ]
 
 
-def _cli(store, args: list[str], **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "sparsify_exp", *args],
-        cwd=store.dir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 def _history(store, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in store.client.get_metric_history(run_id, key)}
 
@@ -55,8 +39,8 @@ def _final_masks(run) -> dict[str, torch.Tensor]:
     return load_masks(Path(run.data.tags["sparsify.job_dir"]) / "artifacts/masks/final.safetensors")
 
 
-def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_masks(store):
-    proc = _cli(store, TRAINING)
+def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_masks(store, started_cli):
+    proc = started_cli(TRAINING, store.dir)
     deadline = time.monotonic() + 120
     while True:  # until two steps are in the store (and so in a checkpoint)
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -72,10 +56,10 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_masks(store):
     assert killed.info.status == "RUNNING"
     assert len(_steps(store, run_id, "sparsity/overall")) < 8
 
-    resumed = _cli(store, [f"resume={run_id}"])
+    resumed = started_cli([f"resume={run_id}"], store.dir)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    uninterrupted = _cli(store, TRAINING)
+    uninterrupted = started_cli(TRAINING, store.dir)
     _, err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, err[-2000:]
 
@@ -105,7 +89,7 @@ def test_checkpoint_every_must_be_a_count(every):
     assert problem.startswith(f"checkpoint.every={every}: must be")
 
 
-def test_a_finished_run_or_a_changed_config_cannot_be_resumed(store, tmp_path):
+def test_a_finished_run_or_a_changed_config_cannot_be_resumed(store, tmp_path, started_cli):
     run_id = run_overrides(
         ["eval=[]", "checkpoint.every=1", "schedule=linear", "schedule.steps=3"],
         output_dir=tmp_path / "job",
@@ -113,7 +97,7 @@ def test_a_finished_run_or_a_changed_config_cannot_be_resumed(store, tmp_path):
     (problem,) = validate(compose_config([f"resume={run_id}"]))
     assert problem == f"resume={run_id}: run {run_id} FINISHED; there is nothing to resume"
     store.client.set_terminated(run_id, "FAILED")
-    changed = _cli(store, [f"resume={tmp_path / 'job'}", "schedule.steps=9"])
+    changed = started_cli([f"resume={tmp_path / 'job'}", "schedule.steps=9"], store.dir)
     _, err = changed.communicate(timeout=120)
     assert changed.returncode == 2  # the CLI: one line, before anything runs
     assert "schedule.steps=9 differs from the run's schedule.steps=3" in err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,19 +18,6 @@ LONG = [
     "mlflow.mask_images=0",
     "output.write_data=false",
 ]
-
-
-def _start(store, args: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "sparsify_exp", *args],
-        cwd=store.dir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
 
 
 def _wait_for_stepping(store, proc: subprocess.Popen, runs: int, timeout: float = 90) -> None:
@@ -51,8 +37,8 @@ def _wait_for_stepping(store, proc: subprocess.Popen, runs: int, timeout: float 
     raise AssertionError(f"no {runs} run(s) stepping after {timeout} s")
 
 
-def test_sigterm_marks_the_run_killed_keeps_its_artifacts_and_exits_143(store):
-    proc = _start(store, LONG)
+def test_sigterm_marks_the_run_killed_keeps_its_artifacts_and_exits_143(store, started_cli):
+    proc = started_cli(LONG, store.dir, start_new_session=True)
     _wait_for_stepping(store, proc, 1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -68,9 +54,11 @@ def test_sigterm_marks_the_run_killed_keeps_its_artifacts_and_exits_143(store):
     assert {"config", "logs", "error.txt"} <= artifacts
 
 
-def _sweep_ends_killed(store, stop) -> tuple[str, int]:
-    proc = _start(
-        store, ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2,3", *LONG]
+def _sweep_ends_killed(store, started_cli, stop) -> tuple[str, int]:
+    proc = started_cli(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2,3", *LONG],
+        store.dir,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     _wait_for_stepping(store, proc, 2)
     stop(proc)
@@ -87,14 +75,14 @@ def _sweep_ends_killed(store, stop) -> tuple[str, int]:
 
 
 @pytest.mark.slow
-def test_sigterm_on_a_joblib_sweep_kills_the_parent_and_running_children(store):
-    reason, code = _sweep_ends_killed(store, lambda p: p.send_signal(signal.SIGTERM))
+def test_sigterm_on_a_joblib_sweep_kills_the_parent_and_running_children(store, started_cli):
+    reason, code = _sweep_ends_killed(store, started_cli, lambda p: p.send_signal(signal.SIGTERM))
     assert code == 128 + signal.SIGTERM
     assert reason == "SIGTERM: stopped by SIGTERM"
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_a_joblib_sweep_kills_the_parent_and_running_children(store):
-    reason, code = _sweep_ends_killed(store, lambda p: os.killpg(p.pid, signal.SIGINT))
+def test_ctrl_c_on_a_joblib_sweep_kills_the_parent_and_running_children(store, started_cli):
+    reason, code = _sweep_ends_killed(store, started_cli, lambda p: os.killpg(p.pid, signal.SIGINT))
     assert code == 128 + signal.SIGINT
     assert reason == "SIGINT: interrupted (Ctrl-C)"
