@@ -246,3 +246,19 @@ def test_oversized_numbers_are_config_errors():
         "schedule.steps=99999999999999999999999: must be <= 10000000",
         "seed=99999999999999999999999: must be <= 18446744073709551615",
     ]
+
+
+def test_per_name_levels_under_a_global_scope_are_a_config_error():
+    problems = validate(
+        compose_config(
+            [
+                "sparsifier=magnitude",
+                "sparsifier.scope=global",
+                "+per_name.rules=[{pattern: '*', config: {sparsity_level: 0.3}}]",
+            ]
+        )
+    )
+    assert problems == [
+        "per_name.rules[0].config.sparsity_level=0.3: sparsifier.scope=global uses one level "
+        "for every name: set sparsifier.sparsity_level, or skip the name"
+    ]

@@ -507,6 +507,13 @@ def _check_rules(problems: _Problems, sp: Any, rules: list[Mapping[str, Any]]) -
                 conf[key],
                 f"not a config key of {label} (allowed: {', '.join(allowed) or 'none'})",
             )
+        if getattr(sp, "scope", "local") == "global" and "sparsity_level" in conf:
+            problems.add(
+                f"{prefix}.config.sparsity_level",
+                conf["sparsity_level"],
+                "sparsifier.scope=global uses one level for every name: set "
+                "sparsifier.sparsity_level, or skip the name",
+            )
         if not unknown:
             _check_name_config(problems, sp, f"{prefix}.config", conf)
 
