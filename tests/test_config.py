@@ -262,3 +262,13 @@ def test_per_name_levels_under_a_global_scope_are_a_config_error():
         "per_name.rules[0].config.sparsity_level=0.3: sparsifier.scope=global uses one level "
         "for every name: set sparsifier.sparsity_level, or skip the name"
     ]
+
+
+def test_per_name_rules_that_skip_every_name_are_a_config_error(weights):
+    for overrides in (
+        ["+per_name.rules=[{pattern: '*', skip: true}]"],
+        ["data=file", f"data.path={weights}", "+per_name.rules=[{pattern: 'layer.*', skip: true}]"],
+    ):
+        (problem,) = validate(compose_config(overrides))
+        assert problem.endswith("nothing left to sparsify"), problem
+    assert validate(compose_config(["+per_name.rules=[{pattern: '*.bias', skip: true}]"])) == []

@@ -422,7 +422,8 @@ def validate(cfg: DictConfig) -> list[str]:
 
     if c.get("resume"):
         _check_resume(problems, cfg, c)
-    check_target(problems, "data", c["data"])
+    if check_target(problems, "data", c["data"]) and not problems.lines:
+        _check_some_name_left(problems, c)
     sp_fn = check_target(problems, "sparsifier", c["sparsifier"], supplied=("data_list",))
     sched_node = c["schedule"].get("scheduler")
     sched_fn = None
@@ -591,3 +592,28 @@ def _check_resume(problems: _Problems, cfg: DictConfig, c: Mapping[str, Any]) ->
     uri = resolve_tracking_uri(c["mlflow"]["tracking_uri"], launch or Path.cwd())
     for line in resume.problems(str(c["resume"]), uri, overrides, c):
         problems.lines[f"resume:{len(problems.lines)}"] = line
+
+
+def _check_some_name_left(problems: _Problems, c: Mapping[str, Any]) -> None:
+    """Per-name rules that skip every name leave nothing to sparsify. The names are known up
+    front when the data source's module has ``names(**config)`` next to its builder."""
+    rules = c["per_name"]["rules"]
+    if not any(r.get("skip") for r in rules):
+        return
+    module = importlib.import_module(str(c["data"]["_target_"]).rpartition(".")[0])
+    names_of = getattr(module, "names", None)
+    if names_of is None:
+        return
+    args = {k: v for k, v in c["data"].items() if k not in HYDRA_KEYS}
+    names = names_of(**args)
+    kept = [
+        n
+        for n in names
+        if not any(r.get("skip") and fnmatch.fnmatchcase(n, r["pattern"]) for r in rules)
+    ]
+    if names and not kept:
+        problems.add(
+            "per_name.rules",
+            [r.get("pattern") for r in rules if r.get("skip")],
+            f"skip every name of the data ({len(names)}): nothing left to sparsify",
+        )

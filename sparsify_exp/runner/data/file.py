@@ -148,3 +148,11 @@ def build(
         payload=payload,
         metadata=dict(meta),
     )
+
+
+def names(
+    path: str, include: list[str] | None = None, exclude: list[str] | None = None, **_: object
+) -> list[str]:
+    """The names :func:`build` selects, read from the header (safetensors) or a memory-mapped
+    load (torch), for validation."""
+    return select_names(list_names(Path(path).expanduser()), include, exclude)
