@@ -344,3 +344,32 @@ def test_every_sparsifier_runs_on_every_kind_of_data(sparsifier, data, store, tm
     if sparsifier == "row":
         assert run.data.metrics["rows/kept"] < run.data.metrics["rows/total"]
         assert run.data.metrics["size/row_compacted_bytes"] < run.data.metrics["size/dense_bytes"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root and mount(8); skipped elsewhere), unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    where = tmp_path / "tiny"
+    where.mkdir()
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount(8)")
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_disk_that_fills_fails_the_run_with_one_line(store, cli, tiny_disk):
+    proc = cli(["data=embeddings", "eval=[]", f"hydra.run.dir={tiny_disk}/run"], cwd=store.dir)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    (run,) = store.runs()
+    assert run.info.status == "FAILED"
+    assert "No space left on device" in run.data.tags["sparsify.failure"]
