@@ -13,15 +13,13 @@ needs ``scikit-learn`` (the ``examples`` extra).
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from sparsify_exp.runner.examples.cache import load_or_train
 
 __all__ = ["DigitsMLP", "accuracy", "finetune", "load_split"]
 
@@ -74,26 +72,14 @@ class DigitsMLP(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden, 10),
         )
-        key = f"v{_CACHE_VERSION}-h{hidden}-s{seed}-e{epochs}-lr{lr}"
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        root = Path(cache_dir or Path(tempfile.gettempdir()) / "sparsify_exp_cache")
-        path = root / f"digits_mlp_{digest}.pt"
-        if cache and path.is_file():
-            try:
-                self.load_state_dict(torch.load(path, weights_only=True))
-                self.eval()
-                return
-            except Exception:  # a corrupt or foreign file: retrain and overwrite it
-                pass
-        self._train(seed=seed, epochs=epochs, lr=lr)
-        if cache:
-            root.mkdir(parents=True, exist_ok=True)
-            # write then rename: parallel jobs never read a half-written file
-            fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-            os.close(fd)
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        self.eval()
+        load_or_train(
+            self,
+            "digits_mlp",
+            f"v{_CACHE_VERSION}-h{hidden}-s{seed}-e{epochs}-lr{lr}",
+            lambda: self._train(seed=seed, epochs=epochs, lr=lr),
+            cache,
+            cache_dir,
+        )
 
     def _train(self, seed: int, epochs: int, lr: float) -> None:
         x, y, _, _ = load_split()

@@ -26,16 +26,14 @@ carry most of the traffic, as in real recommenders.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import os
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from sparsify_exp.runner.examples.cache import load_or_train
 
 __all__ = ["DLRM", "auc", "load_data", "make_data", "roc_auc"]
 
@@ -150,25 +148,14 @@ class DLRM(nn.Module):
             f"v{_CACHE_VERSION}-d{dim}-b{bottom}-t{top}-s{seed}-e{epochs}-bs{batch_size}-lr{lr}"
             f"-wd{weight_decay}-w{world}-x{DATA_SEED}"
         )
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        root = Path(cache_dir or Path(tempfile.gettempdir()) / "sparsify_exp_cache")
-        path = root / f"dlrm_{digest}.pt"
-        if cache and path.is_file():
-            try:
-                self.load_state_dict(torch.load(path, weights_only=True))
-                self.eval()
-                return
-            except Exception:  # a corrupt or foreign file: retrain and overwrite it
-                pass
-        self._train(seed, epochs, batch_size, lr, weight_decay)
-        if cache:
-            root.mkdir(parents=True, exist_ok=True)
-            # write then rename: parallel jobs never read a half-written file
-            fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-            os.close(fd)
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        self.eval()
+        load_or_train(
+            self,
+            "dlrm",
+            key,
+            lambda: self._train(seed, epochs, batch_size, lr, weight_decay),
+            cache,
+            cache_dir,
+        )
 
     def _train(
         self, seed: int, epochs: int, batch_size: int, lr: float, weight_decay: float
