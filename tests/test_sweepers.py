@@ -204,3 +204,25 @@ def test_optuna_search_with_an_invalid_interval_end_stops_before_any_run(store, 
     assert f"{LEVEL}=1.5: must be in [0, 1]" in proc.stderr
     assert "the sweeper could launch" in proc.stderr
     assert store.runs() == []
+
+
+def test_sweep_runs_are_named_by_what_varies(store, cli):
+    proc = cli(
+        [
+            "-m",
+            "sparsifier.sparsity_level=0.2,0.5",
+            "sparsifier.sparse_block_shape=[1,1],[1,4]",
+            "eval=[]",
+            "mlflow.mask_images=0",
+        ],
+        cwd=store.dir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(r.info.run_name for r in store.runs())
+    assert names == [
+        "level=0.2 block=1x1",
+        "level=0.2 block=1x4",
+        "level=0.5 block=1x1",
+        "level=0.5 block=1x4",
+        "sweep data_norm x tensors: level 0.2,0.5, block [1,1],[1,4]",
+    ]

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -117,8 +118,9 @@ def start_run(
     default_name = "-".join(
         v for v in (job.choices.get("sparsifier"), job.choices.get("data")) if v
     )
-    if job.multirun and job.override_dirname:
-        default_name = job.override_dirname
+    if job.multirun:
+        swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k]
+        default_name = tr.swept_run_name(job.overrides, swept) or job.override_dirname
     tags = {
         **{f"{tr.CHOICE_TAG_PREFIX}{k}": v for k, v in job.choices.items()},
         tr.OVERRIDES_TAG: " ".join(job.overrides),

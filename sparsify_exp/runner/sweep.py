@@ -229,7 +229,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
             for k, v in choices.items()  # type: ignore[union-attr]
             if not k.startswith("hydra/") and k != "hydra"
         },
-        "mlflow.runName": f"sweep: {overrides}" if overrides else None,
+        "mlflow.runName": _sweep_name(config),
         tr.OVERRIDES_TAG: overrides,
         "sparsify.jobs": str(n_jobs) if n_jobs is not None else "unknown",
         "sparsify.sweeper": str(
@@ -246,6 +246,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     )
     prev = os.environ.get(tr.PARENT_ENV)
     os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
+    os.environ[tr.SWEPT_ENV] = ",".join(k for k, _ in _swept(config))
     _ACTIVE_SWEEP = _Sweep(uri, run_id, sweep_dir, prev)
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
@@ -254,6 +255,30 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         config.mlflow.experiment,
         uri,
     )
+
+
+def _swept(config: DictConfig) -> list[tuple[str, str]]:
+    """``(key, values)`` of each override the sweep varies, as typed."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    args = [f"{k}={v}" for k, v in params.items() if isinstance(v, str)]
+    args += list(config.hydra.overrides.task)
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:
+        return []
+    return [
+        (o.get_key_element().lstrip("+~"), o.input_line.split("=", 1)[1])
+        for o in parsed
+        if o.is_sweep_override()
+    ]
+
+
+def _sweep_name(config: DictConfig) -> str:
+    """``sweep data_norm x embeddings: level 0.2,0.5,0.8``: the choices, then what varies."""
+    choices = config.hydra.runtime.choices
+    what = " x ".join(str(choices[g]) for g in ("sparsifier", "data") if g in choices)
+    varied = ", ".join(f"{tr.short_key(k)} {v}" for k, v in _swept(config))
+    return f"sweep {what}: {varied}" if varied else f"sweep {what}"
 
 
 def objective(cfg: DictConfig, run_id: str) -> float:
@@ -301,6 +326,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
     from sparsify_exp.runner.report import ARTIFACT_DIR as REPORT_DIR
     from sparsify_exp.runner.report import write_sweep_report
 
+    os.environ.pop(tr.SWEPT_ENV, None)
     if sweep.prev_env is None:
         os.environ.pop(tr.PARENT_ENV, None)
     else:

@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +360,33 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {uri}  # then http://127.0.0.1:5000/{page}"
+
+
+#: Set by the sweep callback for its jobs: the keys the sweep varies, comma-separated.
+SWEPT_ENV = "SPARSIFY_EXP_SWEPT_KEYS"
+
+_SHORT_KEYS = {"sparsity_level": "level", "sparse_block_shape": "block"}
+
+
+def short_key(key: str) -> str:
+    """A swept key as a run name shows it: its last segment, with the usual short names."""
+    last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    return _SHORT_KEYS.get(last, last)
+
+
+def short_value(value: str) -> str:
+    """``[1,4]`` as ``1x4`` (block shapes), anything else as given."""
+    inner = value.strip()
+    if inner.startswith("[") and inner.endswith("]") and "[" not in inner[1:-1]:
+        parts = [p.strip() for p in inner[1:-1].split(",")]
+        if parts and all(p.lstrip("-").isdigit() for p in parts):
+            return "x".join(parts)
+    return value
+
+
+def swept_run_name(overrides: Iterable[str], swept: Iterable[str]) -> str:
+    """A sweep job's name: only what the sweep varies (``level=0.5 block=1x4``)."""
+    values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    return " ".join(
+        f"{short_key(k)}={short_value(values[k])}" for k in swept if k.lstrip("+~") in values
+    )
