@@ -226,11 +226,16 @@ def test_runner_logs_the_sparse_quantized_size(store, tmp_path):
 
 
 def test_runner_quantize_needs_embedding_tables(store, tmp_path):
-    from sparsify_exp.runner import run_overrides
+    from sparsify_exp.runner import compose_config, run_overrides
+    from sparsify_exp.runner.config import validate
 
+    # a source that never has tables: a config error, before any run
+    (problem,) = validate(compose_config(["data=tensors", "output.quantize=true"]))
+    assert problem.startswith("output.quantize=true: the data (tensors) has no embedding tables")
+    # a model's tables are known once it is built: the run fails with the reason
     with pytest.raises(RuntimeError, match=r"output.quantize=true: the data has no embedding"):
         run_overrides(
-            ["data=tensors", "output.quantize=true", "eval=[]", "mlflow.mask_images=0"],
+            ["data=model", "output.quantize=true", "eval=[]", "mlflow.mask_images=0"],
             output_dir=tmp_path / "job",
         )
     (run,) = store.runs()

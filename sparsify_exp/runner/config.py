@@ -424,6 +424,7 @@ def validate(cfg: DictConfig) -> list[str]:
         _check_resume(problems, cfg, c)
     if check_target(problems, "data", c["data"]) and not problems.lines:
         _check_some_name_left(problems, c)
+        _check_quantize(problems, c)
     sp_fn = check_target(problems, "sparsifier", c["sparsifier"], supplied=("data_list",))
     sched_node = c["schedule"].get("scheduler")
     sched_fn = None
@@ -616,4 +617,19 @@ def _check_some_name_left(problems: _Problems, c: Mapping[str, Any]) -> None:
             "per_name.rules",
             [r.get("pattern") for r in rules if r.get("skip")],
             f"skip every name of the data ({len(names)}): nothing left to sparsify",
+        )
+
+
+def _check_quantize(problems: _Problems, c: Mapping[str, Any]) -> None:
+    """``output.quantize`` needs embedding tables; a source module says whether it makes any
+    (``EMBEDDING_TABLES``: True, False, or absent when only the built data can tell)."""
+    if not c["output"].get("quantize"):
+        return
+    module = importlib.import_module(str(c["data"]["_target_"]).rpartition(".")[0])
+    if getattr(module, "EMBEDDING_TABLES", None) is False:
+        problems.add(
+            "output.quantize",
+            True,
+            f"the data ({module.__name__.rsplit('.', 1)[-1]}) has no embedding tables: use "
+            "data=embeddings, or data=model with nn.Embedding / nn.EmbeddingBag modules",
         )

@@ -10,6 +10,9 @@ from torch import nn
 
 from sparsify_exp.runner.data import DataBundle, NonEmpty, UniqueNames
 
+#: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
+EMBEDDING_TABLES = True
+
 
 class TableSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")

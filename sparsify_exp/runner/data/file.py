@@ -21,6 +21,9 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 
+#: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
+EMBEDDING_TABLES = False
+
 
 def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(dotted name, tensor)`` of a loaded torch checkpoint; a bare tensor is named

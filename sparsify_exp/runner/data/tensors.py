@@ -16,6 +16,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 
+#: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
+EMBEDDING_TABLES = False
+
 
 def _positive(shape: list[int]) -> list[int]:
     if any(s < 1 for s in shape):
