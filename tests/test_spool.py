@@ -372,7 +372,7 @@ def test_sweep_survives_a_server_restart(mlflow_server, store):
                 time.sleep(0.2)
             assert len(children) >= 4, (store.dir / "sweep.out").read_text()[-3000:]
             mlflow_server.kill()
-            time.sleep(2)
+            time.sleep(5)  # long enough that jobs also start while the server is away
             mlflow_server.start()
             proc.wait(timeout=120)
         finally:
@@ -488,3 +488,38 @@ def test_killed_run_is_marked_failed_at_the_next_start(store, cli, caplog):
     hist = client.get_metric_history(killed.info.run_id, "sparsity/overall")
     assert sorted(m.step for m in hist) == sorted(steps)
     assert client.get_run(killed.info.run_id).info.status == "FAILED"  # stays: it died
+
+
+def test_a_sweep_job_waits_out_an_outage_at_its_start_and_a_single_run_does_not():
+    import pickle
+    import socket
+    import threading
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with pytest.raises(sp.StoreUnreachable):
+        sp.wait_reachable(uri, wait_s=1.5, timeout_s=0.5)
+    assert time.monotonic() - t0 >= 1.5  # it waited
+    error = pickle.loads(pickle.dumps(sp.StoreUnreachable(uri, "refused")))
+    assert str(error) == f"tracking server {uri} unreachable: refused"  # crosses processes
+
+    server = socket.socket()  # a listener that answers once it is up, 1 s from now
+
+    def serve() -> None:
+        time.sleep(1.0)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        sp.wait_reachable(uri, wait_s=30, timeout_s=2)  # returns once the server answers
+    finally:
+        thread.join(timeout=5)
+        server.close()

@@ -101,7 +101,11 @@ def start_run(
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
     heartbeat_s = float(m.get("heartbeat_s") or 30)
     spool.configure_http(uri, float(m.get("request_timeout_s") or 10))
-    spool.check_reachable(uri, timeout_s=min(5.0, float(m.get("request_timeout_s") or 10)))
+    timeout_s = min(5.0, float(m.get("request_timeout_s") or 10))
+    if job.multirun:  # the sweep goes on: its next job waits out an outage
+        spool.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
+    else:  # a single run says so at once
+        spool.check_reachable(uri, timeout_s)
     client = MlflowClient(tracking_uri=uri)
     with spool.unreachable_as_error(uri):
         exp_id = tr.ensure_experiment(client, m["experiment"])

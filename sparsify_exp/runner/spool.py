@@ -94,6 +94,9 @@ class StoreUnreachable(ConnectionError):
         self.reason = reason
         super().__init__(f"tracking server {uri} unreachable: {reason}")
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (sweep workers) intact
+        return (type(self), (self.uri, self.reason))
+
 
 class StoreRejected(RuntimeError):
     """The tracking store refused a record for good (a bad key or value, a changed param)."""
@@ -191,6 +194,24 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
     except requests.RequestException as e:
         raise StoreUnreachable(uri, short_reason(e)) from e
+
+
+def wait_reachable(uri: str, wait_s: float, timeout_s: float = 5.0) -> None:
+    """:func:`check_reachable`, retried for up to ``wait_s`` seconds (a sweep's job that
+    starts during an outage waits for the server instead of failing); says so once."""
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        try:
+            check_reachable(uri, timeout_s)
+            return
+        except StoreUnreachable as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                log.warning("%s; waiting up to %g s for it", e, wait_s)
+                warned = True
+            time.sleep(1.0)
 
 
 @contextlib.contextmanager
