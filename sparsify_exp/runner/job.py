@@ -31,7 +31,7 @@ from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_tabl
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes, validate
 from sparsify_exp.runner.context import JobInfo, job_info
-from sparsify_exp.runner.progress import Progress
+from sparsify_exp.runner.progress import Progress, human_bytes
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
 from sparsify_exp.runner.sync import sync
@@ -435,14 +435,6 @@ def _percent(fraction: float) -> str:
         return f"{fraction:.0%}"
     digits = max(1, min(6, 1 - math.floor(math.log10(fraction * 100))))
     return f"{fraction * 100:.{digits}f}%"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def upload_artifacts(tracker: tr.RunTracker, artifacts: Path, job: JobInfo) -> None:

@@ -1,4 +1,5 @@
-"""Progress of the steps on the terminal: tqdm on a terminal, a few plain log lines otherwise."""
+"""What a person reads on the terminal: the steps' progress (tqdm on a terminal, a few plain
+log lines otherwise) and sizes in binary units."""
 
 from __future__ import annotations
 
@@ -38,3 +39,9 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def human_bytes(n: float, digits: int = 1) -> str:
+    """``11.0 MiB``: bytes in B / KiB / MiB / GiB."""
+    power = next((p for p in (0, 1, 2) if abs(n) < 1024 ** (p + 1)), 3)
+    return f"{n:.0f} B" if not power else f"{n / 1024**power:.{digits}f} {'KMG'[power - 1]}iB"

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sparsify_exp.runner import tracking as tr
+from sparsify_exp.runner.progress import human_bytes
 from sparsify_exp.runner.tracking import COMPRESSED_BYTES_KEY, DENSE_BYTES_KEY, SPARSITY_KEY
 
 __all__ = ["SweepReport", "build_sweep_report", "main", "write_sweep_report"]
@@ -151,8 +152,7 @@ def _cell(column: str, value: object) -> str:
     if pd.isna(value):
         return ""
     if column in (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY):
-        power = next((p for p in (0, 1, 2) if abs(value) < 1024 ** (p + 1)), 3)
-        return f"{value:.0f} B" if not power else f"{value / 1024**power:.2f} {'KMG'[power - 1]}iB"
+        return human_bytes(value, digits=2)
     if column == COMPRESSION_KEY:
         return f"{value:.2f}x"
     return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
