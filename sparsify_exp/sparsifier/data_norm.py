@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -11,20 +10,11 @@ import torch
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
+from sparsify_exp.sparsifier.checks import check_level, check_norm
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
 from sparsify_exp.sparsifier.select import Cut, DataKeys, KeySource, apply_cut, magnitude_keys
 
 __all__ = ["DataNormSparsifier"]
-
-NORMS = ("L1", "L2")
-
-
-def _check_level(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigValueError("sparsity_level", value, "must be a number in [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise ConfigValueError("sparsity_level", value, "must be in [0, 1]")
-    return float(value)
 
 
 def _check_block(value: Any) -> tuple[int, int]:
@@ -48,12 +38,6 @@ def _check_zeros(value: Any, block: tuple[int, int]) -> int:
             f"must be <= {per_block}, the entries of a {block[0]}x{block[1]} block",
         )
     return int(value)
-
-
-def _check_norm(value: Any) -> str:
-    if value not in NORMS:
-        raise ConfigValueError("norm", value, f"must be one of: {', '.join(NORMS)}")
-    return value
 
 
 def mean_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> torch.Tensor:
@@ -143,10 +127,10 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         scope: str = "local",
     ) -> None:
         block = _check_block(sparse_block_shape)
-        _check_level(sparsity_level)
+        check_level(sparsity_level)
         if zeros_per_block is not None:
             _check_zeros(zeros_per_block, block)
-        self.norm = _check_norm(norm)
+        self.norm = check_norm(norm)
         self.scope = check_scope(scope, type(self).__name__, has_global=True)
         super().__init__(
             data_list=data_list,
@@ -157,7 +141,7 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
 
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
         try:
-            config["sparsity_level"] = _check_level(config.get("sparsity_level"))
+            config["sparsity_level"] = check_level(config.get("sparsity_level"))
             block = _check_block(config.get("sparse_block_shape"))
             config["sparse_block_shape"] = block
             zeros = config.get("zeros_per_block")
@@ -178,7 +162,7 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         global_cut: Cut | None = None,
         **kwargs: Any,
     ) -> None:
-        level = _check_level(sparsity_level)
+        level = check_level(sparsity_level)
         block = _check_block(sparse_block_shape)
         per_block = block[0] * block[1]
         zeros = per_block if zeros_per_block is None else _check_zeros(zeros_per_block, block)

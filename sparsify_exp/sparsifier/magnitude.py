@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
-from sparsify_exp.sparsifier.data_norm import _check_level
+from sparsify_exp.sparsifier.checks import check_level, checked_config
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
 from sparsify_exp.sparsifier.select import (
     Cut,
@@ -52,16 +51,12 @@ class MagnitudeSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         sparsity_level: float = 0.5,
         scope: str = "local",
     ) -> None:
-        _check_level(sparsity_level)
+        check_level(sparsity_level)
         self.scope = check_scope(scope, type(self).__name__, has_global=True)
         super().__init__(data_list=data_list, sparsity_level=sparsity_level)
 
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
-        try:
-            config["sparsity_level"] = _check_level(config.get("sparsity_level"))
-        except ConfigValueError as error:
-            raise error.for_name(name) from None
-        return config
+        return checked_config(name, config, {"sparsity_level": check_level})
 
     def update_mask(  # type: ignore[override]
         self,
@@ -79,7 +74,7 @@ class MagnitudeSparsifier(GlobalScopeMixin, BaseDataSparsifier):
             else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
         )
         if global_cut is None:
-            level = _check_level(sparsity_level)
+            level = check_level(sparsity_level)
             source = DataKeys(data, key_dtype_for(data.dtype))
             select_and_write(source, round(level * data.numel()), keep)
         else:

@@ -12,7 +12,7 @@ import torch
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.block_ops import CHUNK_ELEMENTS
-from sparsify_exp.sparsifier.data_norm import _check_level
+from sparsify_exp.sparsifier.checks import check_level, checked_config
 from sparsify_exp.sparsifier.scope import check_scope
 from sparsify_exp.sparsifier.select import KeySource, select_and_write
 
@@ -138,23 +138,18 @@ class RandomSparsifier(BaseDataSparsifier):
         seed: int = 0,
         scope: str = "local",
     ) -> None:
-        _check_level(sparsity_level)
+        check_level(sparsity_level)
         _check_seed(seed)
         self.scope = check_scope(scope, type(self).__name__, has_global=False)
         super().__init__(data_list=data_list, sparsity_level=sparsity_level, seed=seed)
 
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
-        try:
-            config["sparsity_level"] = _check_level(config.get("sparsity_level"))
-            config["seed"] = _check_seed(config.get("seed"))
-        except ConfigValueError as error:
-            raise error.for_name(name) from None
-        return config
+        return checked_config(name, config, {"sparsity_level": check_level, "seed": _check_seed})
 
     def update_mask(  # type: ignore[override]
         self, name: str, data: torch.Tensor, sparsity_level: float, seed: int, **kwargs: Any
     ) -> None:
-        level = _check_level(sparsity_level)
+        level = check_level(sparsity_level)
         salt = name_salt(_check_seed(seed), name)
         mask = self.get_mask(name)
         n = mask.numel()

@@ -8,10 +8,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier, _extract_weight
-from sparsify_exp.sparsifier.data_norm import _check_level, _check_norm
+from sparsify_exp.sparsifier.checks import check_level, check_norm, checked_config
 from sparsify_exp.sparsifier.scope import check_scope
 
 __all__ = ["CompactRows", "RowSparsifier", "compact_rows", "row_scores"]
@@ -72,22 +71,18 @@ class RowSparsifier(BaseDataSparsifier):
         norm: str = "L1",
         scope: str = "local",
     ) -> None:
-        _check_level(sparsity_level)
-        self.norm = _check_norm(norm)
+        check_level(sparsity_level)
+        self.norm = check_norm(norm)
         self.scope = check_scope(scope, type(self).__name__, has_global=False)
         super().__init__(data_list=data_list, sparsity_level=sparsity_level)
 
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
-        try:
-            config["sparsity_level"] = _check_level(config.get("sparsity_level"))
-        except ConfigValueError as error:
-            raise error.for_name(name) from None
-        return config
+        return checked_config(name, config, {"sparsity_level": check_level})
 
     def update_mask(  # type: ignore[override]
         self, name: str, data: torch.Tensor, sparsity_level: float, **kwargs: Any
     ) -> None:
-        level = _check_level(sparsity_level)
+        level = check_level(sparsity_level)
         mask = self.get_mask(name)
         rows = data.shape[0] if data.dim() else 1
         k = round(level * rows)
