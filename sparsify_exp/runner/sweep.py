@@ -41,6 +41,8 @@ from sparsify_exp.runner.signals import is_stop
 
 log = logging.getLogger("sparsify_exp.runner")
 
+#: The ``hydra.sweeper._target_`` of Hydra's default sweeper, as the composed config names it
+#: (compared as a string; nothing of Hydra's internals is imported).
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 #: At most this many sampled jobs of a sweeper that picks its own values are validated as
