@@ -116,12 +116,18 @@ def block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> tor
     Full blocks are returned as sums (same order as means, one pass less); partial blocks
     are scaled to the same scale, so only the ordering of the result is meaningful.
     """
-    height, width = data2d.shape
-    block_h, block_w = block
     if data2d.numel() <= SMALL_ELEMENTS:
         # one op for small data (per-op overhead dominates there): the reference's arithmetic
         values = _magnitude(data2d, norm)[None, None]
         return F.avg_pool2d(values, block, block, ceil_mode=True)[0, 0]
+    return chunked_block_scores(data2d, block, norm)
+
+
+def chunked_block_scores(data2d: torch.Tensor, block: tuple[int, int], norm: str) -> torch.Tensor:
+    """:func:`block_scores` of large data, whatever the size of ``data2d``: a shard of a
+    large table must score its blocks with the arithmetic the whole table gets."""
+    height, width = data2d.shape
+    block_h, block_w = block
     rows, cols = grid_shape(height, width, block)
     scores = torch.empty(rows, cols, dtype=work_dtype(data2d.dtype), device=data2d.device)
     for start, stop in _row_chunks(height, width, block_h):
