@@ -14,6 +14,11 @@ from sparsify_exp.sparsifier.nm import NMSparsifier
 from sparsify_exp.sparsifier.nonfinite import count_nonfinite
 from sparsify_exp.sparsifier.random_mask import RandomSparsifier
 from sparsify_exp.sparsifier.row import CompactRows, RowSparsifier, compact_rows
+from sparsify_exp.sparsifier.sharded import (
+    ShardedDataNormSparsifier,
+    ShardedMagnitudeSparsifier,
+    ShardError,
+)
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -26,6 +31,9 @@ __all__ = [
     "NMSparsifier",
     "RandomSparsifier",
     "RowSparsifier",
+    "ShardError",
+    "ShardedDataNormSparsifier",
+    "ShardedMagnitudeSparsifier",
     "UnsupportedDataTypeError",
     "compact_rows",
     "count_nonfinite",
