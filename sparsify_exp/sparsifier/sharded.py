@@ -112,11 +112,6 @@ class ShardedMixin:
         timeout_s: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if not dist.is_initialized():
-            raise ShardError(
-                f"{type(self).__name__} needs torch.distributed: call "
-                "sparsify_exp.sparsifier.sharded.init_process_group() (under torchrun) first"
-            )
         self.process_group = process_group
         self.timeout_s = timeout_s
         super().__init__(*args, **kwargs)
@@ -251,11 +246,19 @@ class ShardedMixin:
             self._write_shard(name, data, config, source, cut)
 
     # ------------------------------------------------------------------ collectives
+    def _require_group(self) -> None:
+        if not dist.is_initialized():
+            raise ShardError(
+                f"{type(self).__name__} steps with other processes: call "
+                "sparsify_exp.sparsifier.sharded.init_process_group() (under torchrun) first"
+            )
+
     def _rank(self) -> int:
         return dist.get_rank(self.process_group)
 
     def _exchange(self, what: str, mine: Any) -> list[Any]:
         """Every process's ``mine`` (small metadata), after checking that all joined."""
+        self._require_group()
         self._join(what)
         everyone: list[Any] = [None] * dist.get_world_size(self.process_group)
         dist.all_gather_object(everyone, mine, group=self.process_group)
