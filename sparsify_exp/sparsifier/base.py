@@ -8,6 +8,12 @@ switching is a one-line import change. Differences are all fixes:
 * ``squash_mask`` multiplies the user's tensor in place (no second copy of the data);
 * ``state_dict()`` stores masks at 1 bit an entry and loads with ``torch.load(weights_only=True)``;
 * pickling and ``copy.deepcopy`` keep every attribute, so the copy still steps.
+
+Data too large for memory (a memory-mapped checkpoint) is added with a
+:class:`~sparsify_exp.sparsifier.packed_mask.PackedMask` as its initial ``mask``: the mask
+stays at 1 bit an entry, :meth:`~BaseDataSparsifier.step` calls
+:meth:`~BaseDataSparsifier.update_packed_mask`, and the data is never written to (see
+:mod:`sparsify_exp.streaming`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch.nn.utils import parametrize
 
 from sparsify_exp.sparsifier.mask import new_mask, to_mask
 from sparsify_exp.sparsifier.mask_bits import pack_mask, unpack_mask
+from sparsify_exp.sparsifier.packed_mask import PackedMask
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -144,13 +151,32 @@ class BaseDataSparsifier(abc.ABC):
         """Checks (and may normalise) a name's merged config; raise ``ValueError`` if bad."""
         return config
 
+    def update_packed_mask(
+        self, name: str, data: torch.Tensor, mask: PackedMask, **config: Any
+    ) -> None:
+        """:meth:`update_mask` for a mask held packed (memory-mapped data).
+
+        This default unpacks the mask, calls :meth:`update_mask` and packs the result back,
+        so any sparsifier steps on such data, with a byte an entry while it runs. Sparsifiers
+        that can write their mask a range at a time override it and stay at 1 bit an entry.
+        """
+        state = self.state[name]
+        state["mask"] = to_mask(mask.unpack())
+        try:
+            self.update_mask(name, data, **config)
+            mask.write(0, state["mask"].reshape(-1))
+        finally:
+            state["mask"] = mask
+
     # ------------------------------------------------------------------ data
     def add_data(self, name: str, data: Any, reuse_mask: bool = True, **config: Any) -> Any:
         r"""Registers ``data`` under ``name`` by reference, with ``config`` over the defaults.
 
         Re-adding a name warns, keeps the old config updated with ``config`` and, with
         ``reuse_mask=True``, keeps the old mask (the new data must have the same shape).
-        A ``mask`` key in ``config`` gives the initial mask (any dtype; nonzero = kept).
+        A ``mask`` key in ``config`` gives the initial mask (any dtype; nonzero = kept); a
+        :class:`PackedMask` is held as it is, packed, and the data is never written to
+        (:meth:`squash_mask` can then only leave it as it is).
         Returns the registered tensor: the user's own (for an embedding, its ``weight``).
         """
         if not isinstance(name, str) or not name:
@@ -169,10 +195,19 @@ class BaseDataSparsifier(abc.ABC):
             local_args = {**copy.deepcopy(self.defaults), **config}
         # everything is checked before the old entry is touched: a bad call changes nothing
         local_args = self.validate_config(name, local_args)
-        if initial_mask is not None:
+        if isinstance(initial_mask, PackedMask):
+            if initial_mask.shape != weight.shape:
+                raise ValueError(
+                    f"mask for {name!r} has shape {tuple(initial_mask.shape)}; it must match "
+                    f"the data's shape {tuple(weight.shape)}"
+                )
+            mask = initial_mask
+        elif initial_mask is not None:
             mask = self._as_mask(name, initial_mask, weight)
         elif replacing and reuse_mask:
             mask = self.get_mask(name)
+            if isinstance(mask, PackedMask):
+                mask = to_mask(mask.unpack())
             if mask.shape != weight.shape:
                 raise DataShapeMismatchError(
                     f"cannot reuse the mask of {name!r}: it has shape "
@@ -204,10 +239,16 @@ class BaseDataSparsifier(abc.ABC):
                     "use get_data(name, return_original=False) for the squashed data"
                 )
             return self._live[name]
+        if name in self._live and self.is_packed(name):
+            raise ValueError(
+                f"the mask of {name!r} is held packed (memory-mapped data): there is no masked "
+                "copy in memory; write one with sparsify_exp.streaming.write_squashed"
+            )
         return getattr(self._container, key)
 
-    def get_mask(self, name: str) -> torch.Tensor:
-        """The mask of ``name``: change it in place to change what is kept."""
+    def get_mask(self, name: str) -> torch.Tensor | PackedMask:
+        """The mask of ``name``: change it in place to change what is kept (a
+        :class:`PackedMask` for data added with one)."""
         if name not in self.state or "mask" not in self.state[name]:
             raise ValueError(self._unknown_name_message(name))
         return self.state[name]["mask"]
@@ -215,6 +256,10 @@ class BaseDataSparsifier(abc.ABC):
     def is_squashed(self, name: str) -> bool:
         self._key(name)
         return name not in self._live
+
+    def is_packed(self, name: str) -> bool:
+        """Whether the mask of ``name`` is held packed, at 1 bit an entry."""
+        return isinstance(self.get_mask(name), PackedMask)
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> None:
@@ -226,7 +271,15 @@ class BaseDataSparsifier(abc.ABC):
             for name, config in self.data_groups.items():
                 data = live.get(name)
                 if data is not None:
-                    self.update_mask(name, data, **config)
+                    self._update(name, data, config)
+
+    def _update(self, name: str, data: torch.Tensor, config: dict[str, Any]) -> None:
+        """``update_mask``, or ``update_packed_mask`` for a mask held packed."""
+        mask = self.state[name]["mask"]
+        if isinstance(mask, PackedMask):
+            self.update_packed_mask(name, data, mask, **config)
+        else:
+            self.update_mask(name, data, **config)
 
     def squash_mask(
         self,
@@ -239,11 +292,20 @@ class BaseDataSparsifier(abc.ABC):
 
         With ``leave_parametrized=True`` the mask is multiplied into the user's own tensor in
         place; with ``False`` the data is left as it was. Squashed names are skipped by
-        :meth:`step`; their masks stay readable with :meth:`get_mask`.
+        :meth:`step`; their masks stay readable with :meth:`get_mask`. Data whose mask is
+        held packed is never written to: it takes ``leave_parametrized=False`` (write its
+        masked form with :func:`sparsify_exp.streaming.write_squashed`).
         """
         names = list(self.data_groups) if names is None else list(names)
         for name in names:
             self._key(name)  # a clear error for an unknown name before anything changes
+        packed = [n for n in names if n in self._live and self.is_packed(n)]
+        if leave_parametrized and packed:
+            raise ValueError(
+                f"the mask of {packed[0]!r} is held packed (memory-mapped data, never written "
+                "to): squash_mask(leave_parametrized=False) forgets it, and "
+                "sparsify_exp.streaming.write_squashed writes the masked data to a new file"
+            )
         for name in names:
             original = self._live.pop(name, None)
             if original is None:
@@ -251,9 +313,10 @@ class BaseDataSparsifier(abc.ABC):
             if leave_parametrized:
                 with torch.no_grad():
                     _apply_mask_(original, self.get_mask(name).to(original.device))
-            parametrize.remove_parametrizations(
-                self._container, self._keys[name], leave_parametrized=False
-            )
+            if parametrize.is_parametrized(self._container, self._keys[name]):
+                parametrize.remove_parametrizations(
+                    self._container, self._keys[name], leave_parametrized=False
+                )
 
     def _extract_weight(self, data: Any) -> torch.Tensor:
         """The tensor a data stands for (an embedding's ``weight``), as torch's reference has it."""
@@ -387,9 +450,11 @@ class BaseDataSparsifier(abc.ABC):
             )
         return to_mask(mask)
 
-    def _register(self, key: str, weight: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _register(
+        self, key: str, weight: torch.Tensor, mask: torch.Tensor | PackedMask | None
+    ) -> None:
         self._container.register_buffer(key, weight)
-        if mask is not None:
+        if mask is not None and not isinstance(mask, PackedMask):
             parametrize.register_parametrization(
                 self._container, key, _MaskParametrization(mask), unsafe=True
             )
@@ -416,7 +481,10 @@ class BaseDataSparsifier(abc.ABC):
         for name, entry in self.state.items():
             entry = dict(entry)
             mask = entry.get("mask")
-            if isinstance(mask, torch.Tensor):
+            if isinstance(mask, PackedMask):
+                entry["mask"] = mask.bits.clone()
+                entry["mask_shape"] = tuple(mask.shape)
+            elif isinstance(mask, torch.Tensor):
                 entry["mask"] = pack_mask(mask)
                 entry["mask_shape"] = tuple(mask.shape)
             packed[name] = entry

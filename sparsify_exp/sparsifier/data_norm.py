@@ -11,6 +11,8 @@ from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.checks import check_level, check_norm
+from sparsify_exp.sparsifier.packed_mask import PackedMask
+from sparsify_exp.sparsifier.packed_select import BlockScoreKeys, select_packed, write_block_rows
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
 from sparsify_exp.sparsifier.select import Cut, DataKeys, KeySource, apply_cut, magnitude_keys
 
@@ -188,6 +190,42 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         removed = block_ops.smallest_k(scores, num_remove)
         del scores
         self._write_removed(mask, data2d, removed, block, zeros)
+
+    def update_packed_mask(  # type: ignore[override]
+        self,
+        name: str,
+        data: torch.Tensor,
+        mask: PackedMask,
+        sparsity_level: float,
+        sparse_block_shape: tuple[int, int],
+        zeros_per_block: int | None,
+        global_cut: Cut | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The local step into a packed mask: one pass over the data (two with
+        ``zeros_per_block``), the block grid's keep bits and the mask at 1 bit each."""
+        config = {"sparse_block_shape": sparse_block_shape, "zeros_per_block": zeros_per_block}
+        if global_cut is not None:  # the base's unpacked step
+            super().update_packed_mask(
+                name, data, mask, sparsity_level=sparsity_level, global_cut=global_cut, **config
+            )
+            return
+        level = check_level(sparsity_level)
+        block = _check_block(sparse_block_shape)
+        per_block = block[0] * block[1]
+        zeros = per_block if zeros_per_block is None else _check_zeros(zeros_per_block, block)
+        if data.numel() == 0:
+            mask.fill_(True)
+            return
+        data2d = block_ops.as_2d(data)
+        rows, cols = block_ops.grid_shape(*data2d.shape, block)
+        num_remove = round(level * (rows * cols))
+        if num_remove == 0 or zeros == 0 or (num_remove == rows * cols and zeros == per_block):
+            mask.fill_(num_remove == 0 or zeros == 0)
+            return
+        grid = PackedMask.full((rows, cols), device=data.device)
+        select_packed(BlockScoreKeys(data2d, block, self.norm), num_remove, grid.reshape(-1))
+        write_block_rows(mask, data2d, grid, block, zeros, self.norm)
 
     def _write_removed(
         self,

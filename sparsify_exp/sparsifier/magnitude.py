@@ -9,6 +9,8 @@ import torch
 
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.checks import check_level, checked_config
+from sparsify_exp.sparsifier.packed_mask import PackedMask
+from sparsify_exp.sparsifier.packed_select import EntryKeys, apply_cut_packed, select_packed
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
 from sparsify_exp.sparsifier.select import (
     Cut,
@@ -81,6 +83,25 @@ class MagnitudeSparsifier(GlobalScopeMixin, BaseDataSparsifier):
             apply_cut(DataKeys(data, global_cut.key_dtype), global_cut, keep)
         if not direct:
             mask.copy_(keep.view(mask.shape))
+
+    def update_packed_mask(  # type: ignore[override]
+        self,
+        name: str,
+        data: torch.Tensor,
+        mask: PackedMask,
+        sparsity_level: float,
+        global_cut: Cut | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The step into a packed mask: one pass over the data in chunks (a local step also
+        reads a few stripes first), the mask at 1 bit an entry."""
+        flat = mask.reshape(-1)
+        if global_cut is None:
+            level = check_level(sparsity_level)
+            source = EntryKeys(data, key_dtype_for(data.dtype))
+            select_packed(source, round(level * data.numel()), flat)
+        else:
+            apply_cut_packed(EntryKeys(data, global_cut.key_dtype), global_cut, flat)
 
     def _global_keys(
         self, name: str, data: torch.Tensor, config: dict[str, Any], key_dtype: torch.dtype

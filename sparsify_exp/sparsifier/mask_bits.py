@@ -22,8 +22,13 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Packs a mask (any dtype; nonzero = kept) into a flat ``uint8`` tensor, 8 entries a byte.
 
     Entry ``i`` of the flattened mask is bit ``i % 8`` (least significant first) of byte ``i // 8``.
-    A contiguous ``bool`` mask is read in place: only the packed result is allocated.
+    A contiguous ``bool`` mask is read in place: only the packed result is allocated; a
+    :class:`~sparsify_exp.sparsifier.packed_mask.PackedMask` gives its own bytes.
     """
+    from sparsify_exp.sparsifier.packed_mask import PackedMask
+
+    if isinstance(mask, PackedMask):
+        return mask.bits
     flat = mask.detach().reshape(-1)
     if flat.dtype != torch.bool:
         flat = flat != 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier.base import BaseDataSparsifier, _extract_weight
 from sparsify_exp.sparsifier.block_ops import CHUNK_ELEMENTS
+from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.scope import check_scope
 from sparsify_exp.sparsifier.select import flat_views, key_dtype_for, magnitude_keys
 
@@ -142,13 +143,39 @@ class NMSparsifier(BaseDataSparsifier):
             if direct
             else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
         )
+        for start, keys, scratch in self._groups(data, n, m):
+            out = keep[start : start + keys.numel()]
+            _keep_largest(keys.view(-1, m), n, out.view(-1, m), scratch)
+        if not direct:
+            mask.copy_(keep.view(mask.shape))
+
+    def update_packed_mask(  # type: ignore[override]
+        self, name: str, data: torch.Tensor, mask: PackedMask, n: int, m: int, **kwargs: Any
+    ) -> None:
+        """The step into a packed mask: each chunk of groups is ranked and packed in turn."""
+        m = _check_m(m)
+        n = _check_n(n, m)
+        _check_groups(name, data.shape, m)
+        if data.numel() == 0 or n in (0, m):
+            mask.fill_(n == m or data.numel() == 0)
+            return
+        flat = mask.reshape(-1)
+        out = torch.empty(0, dtype=torch.bool, device=data.device)
+        for start, keys, scratch in self._groups(data, n, m):
+            if out.numel() < keys.numel():
+                out = torch.empty(keys.numel(), dtype=torch.bool, device=data.device)
+            chunk = out[: keys.numel()]
+            _keep_largest(keys.view(-1, m), n, chunk.view(-1, m), scratch)
+            flat.write(start, chunk)
+
+    @staticmethod
+    def _groups(
+        data: torch.Tensor, n: int, m: int
+    ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(start, keys, scratch)``: the ``|x|`` keys of chunks of whole groups."""
         key_dtype = key_dtype_for(data.dtype)
         limit = max(m, CHUNK_ELEMENTS // m * m)  # chunks hold whole groups
         buffer = torch.empty(min(limit, data.numel()), dtype=key_dtype, device=data.device)
         scratch: dict[str, torch.Tensor] = {}
         for start, view in flat_views(data, limit):
-            keys = magnitude_keys(view, key_dtype, out=buffer)
-            out = keep[start : start + keys.numel()]
-            _keep_largest(keys.view(-1, m), n, out.view(-1, m), scratch)
-        if not direct:
-            mask.copy_(keep.view(mask.shape))
+            yield start, magnitude_keys(view, key_dtype, out=buffer), scratch

@@ -13,6 +13,8 @@ from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.block_ops import CHUNK_ELEMENTS
 from sparsify_exp.sparsifier.checks import check_level, checked_config
+from sparsify_exp.sparsifier.packed_mask import PackedMask
+from sparsify_exp.sparsifier.packed_select import select_packed
 from sparsify_exp.sparsifier.scope import check_scope
 from sparsify_exp.sparsifier.select import KeySource, select_and_write
 
@@ -159,3 +161,21 @@ class RandomSparsifier(BaseDataSparsifier):
         select_and_write(RandomKeys(n, salt, mask.device), k, keep, _bracket(n, k) if n else None)
         if not direct:
             mask.copy_(keep.view(mask.shape))
+
+    def update_packed_mask(  # type: ignore[override]
+        self,
+        name: str,
+        data: torch.Tensor,
+        mask: PackedMask,
+        sparsity_level: float,
+        seed: int,
+        **kwargs: Any,
+    ) -> None:
+        """The step into a packed mask: the keys are generated and packed a chunk at a time
+        (the data is not read)."""
+        level = check_level(sparsity_level)
+        salt = name_salt(_check_seed(seed), name)
+        n = mask.numel()
+        k = round(level * n)
+        source = RandomKeys(n, salt, mask.device)
+        select_packed(source, k, mask.reshape(-1), _bracket(n, k) if n else None)

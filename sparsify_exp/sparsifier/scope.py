@@ -80,7 +80,8 @@ class GlobalScopeMixin:
             cuts = find_cuts(sources, round(level * total))
             del sources
             for (name, data, config), cut in zip(live, cuts, strict=True):
-                self.update_mask(name, data, **config, global_cut=cut)  # type: ignore[attr-defined]
+                # update_mask, or update_packed_mask for a mask held packed
+                self._update(name, data, {**config, "global_cut": cut})  # type: ignore[attr-defined]
 
 
 def _common_level(live: list[tuple[str, torch.Tensor, dict[str, Any]]]) -> float:

@@ -1,0 +1,231 @@
+"""Exact selection of the ``k`` lowest keys into a :class:`PackedMask`, for data read from disk.
+
+The in-memory selection (:mod:`~sparsify_exp.sparsifier.select`) writes a ``bool`` keep
+tensor, a byte an item, and brackets the threshold with a strided sample: one read per
+sample point, scattered over the whole data. For memory-mapped data both cost too much: a
+byte an entry is a quarter of fp32 data, and scattered reads pull in the file around each
+point. Here the keep bits go straight into a :class:`PackedMask` and the sample is read as
+a few contiguous stripes, so a step is one sequential pass over the data:
+
+1. keys of :data:`STRIPES` evenly spaced stripes bracket the ``k``-th key ``[low, high]``;
+2. one pass writes "kept" for every key above ``high`` and notes the keys inside the
+   bracket (with their positions) and the count below it;
+3. the ``k``-th key among the noted ones is the threshold; the noted keys above it, and the
+   ties past the first ones, are set back to kept.
+
+When the stripes mislead (a sorted or strongly layered table), the candidates overflow or
+miss the threshold and the exact histogram narrowing of
+:func:`~sparsify_exp.sparsifier.select.find_cuts` takes over (a few more passes). Either
+way exactly ``k`` keys are removed, the lowest, ties by position: the in-memory result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from sparsify_exp.sparsifier import block_ops
+from sparsify_exp.sparsifier.packed_mask import PackedMask
+from sparsify_exp.sparsifier.select import (
+    Cut,
+    DataKeys,
+    KeySource,
+    _narrow,
+    key_dtype_for,
+    magnitude_keys,
+)
+
+__all__ = [
+    "BlockScoreKeys",
+    "EntryKeys",
+    "apply_cut_packed",
+    "select_packed",
+    "write_block_rows",
+]
+
+STRIPES = 64  # contiguous stripes read to bracket the threshold
+SAMPLE = 1 << 20  # keys in all over the stripes
+
+
+class EntryKeys(DataKeys):
+    """``|x|`` keys of every entry (see :class:`DataKeys`), and of a contiguous range."""
+
+    def keys_range(self, start: int, stop: int) -> torch.Tensor:
+        if self.data.is_contiguous():
+            values = self.data.reshape(-1)[start:stop]
+            return magnitude_keys(values, self.key_dtype, square=self.square)
+        return self.keys_at(torch.arange(start, stop, device=self.device))
+
+
+class BlockScoreKeys(KeySource):
+    """Keys of the block scores of ``data2d``, computed a chunk of block rows at a time with
+    exactly the arithmetic of :func:`~sparsify_exp.sparsifier.block_ops.block_scores` (the
+    whole grid at once for small data), so they rank as the in-memory step ranks them."""
+
+    def __init__(self, data2d: torch.Tensor, block: tuple[int, int], norm: str) -> None:
+        self.data2d, self.block, self.norm = data2d, block, norm
+        self.height, self.width = data2d.shape
+        self.rows, self.cols = block_ops.grid_shape(self.height, self.width, block)
+        self.numel = self.rows * self.cols
+        self.key_dtype = key_dtype_for(block_ops.work_dtype(data2d.dtype))
+        self.device = data2d.device
+        small = data2d.numel() <= block_ops.SMALL_ELEMENTS
+        self._whole = block_ops.block_scores(data2d, block, norm) if small else None
+
+    def scores(self, start: int, stop: int) -> torch.Tensor:
+        """The scores of block rows ``[start, stop)``."""
+        if self._whole is not None:
+            return self._whole[start:stop]
+        block_h, block_w = self.block
+        chunk = self.data2d[start * block_h : min(stop * block_h, self.height)]
+        scores = block_ops._sum_blocks(block_ops._magnitude(chunk, self.norm), self.block)
+        per_block = block_h * block_w
+        if self.width % block_w:
+            scores[:, -1] *= per_block / (block_h * (self.width % block_w))
+        if self.height % block_h and stop == self.rows:
+            scores[-1, :] *= per_block / ((self.height % block_h) * block_w)
+        return scores
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in block_ops._row_chunks(self.height, self.width, self.block[0]):
+            keys = magnitude_keys(self.scores(start, stop).reshape(-1), self.key_dtype)
+            yield start * self.cols, keys
+
+    def keys_range(self, start: int, stop: int) -> torch.Tensor:
+        first, last = start // self.cols, -(-stop // self.cols)
+        scores = self.scores(first, last).reshape(-1)
+        offset = first * self.cols
+        return magnitude_keys(scores[start - offset : stop - offset], self.key_dtype)
+
+    def keys_at(self, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("block scores are read in ranges (keys_range)")
+
+
+def _stripe_sample(source: EntryKeys | BlockScoreKeys) -> torch.Tensor:
+    """Keys of :data:`STRIPES` evenly spaced contiguous ranges (all keys when few), sorted."""
+    n = source.numel
+    if n <= SAMPLE:
+        parts = [keys.clone() for _, keys in source.chunks()]
+    else:
+        per = SAMPLE // STRIPES
+        starts = [i * (n - per) // (STRIPES - 1) for i in range(STRIPES)]
+        parts = [source.keys_range(s, s + per) for s in starts]
+    return torch.sort(torch.cat(parts).cpu()).values
+
+
+def _bracket(sample: torch.Tensor, n: int, k: int, top: int) -> tuple[int, int]:
+    """``[low, high]`` that the sorted ``sample`` says holds the ``k``-th of ``n`` keys."""
+    m = sample.numel()
+    if m == n:  # every key: the bracket is the threshold itself
+        kth = int(sample[k - 1])
+        return kth, kth
+    position = k / n * m
+    spread = 4.0 * math.sqrt(m) + 2  # the rank's deviation is at most sqrt(m) / 2: 8 of them
+    lo_index, hi_index = math.floor(position - spread), math.ceil(position + spread)
+    low = int(sample[lo_index]) if lo_index >= 0 else 0
+    high = int(sample[hi_index]) if hi_index < m else top
+    return low, high
+
+
+def select_packed(
+    source: KeySource,
+    k: int,
+    out: PackedMask,
+    bracket: tuple[int, int] | None = None,
+) -> None:
+    """Writes ``out`` (flat, ``source.numel`` entries) with exactly the ``k`` lowest keys
+    removed (ties by position), in one pass when ``bracket`` (default: a stripe sample of
+    ``source``, which then needs ``keys_range``) holds the ``k``-th key."""
+    n = source.numel
+    if k <= 0 or k >= n:
+        out.fill_(k <= 0)
+        return
+    top = torch.iinfo(source.key_dtype).max
+    if bracket is None:
+        bracket = _bracket(_stripe_sample(source), n, k, top)  # type: ignore[arg-type]
+    low, high = bracket
+    cap = max(1 << 20, n // 64)  # candidates held at most: 8 bytes each, 1/8 byte an item
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    below, held = 0, 0
+    found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for start, keys in source.chunks():
+        keep = torch.gt(keys, high)  # provisional: everything up to `high` is removed
+        out.write(start, keep)
+        if low > 0:
+            lower = torch.lt(keys, low)
+            below += int(torch.count_nonzero(lower))
+            keep.logical_or_(lower)
+        index = keep.logical_not_().nonzero().squeeze(1)
+        held += index.numel()
+        if held > cap:
+            break
+        found.append((start, index.to(index_dtype), keys[index]))
+    else:
+        if below < k <= below + held:
+            _settle(found, k - below, out)
+            return
+    del found
+    (cut,) = _narrow([source], k, cap, source.key_dtype)
+    apply_cut_packed(source, cut, out)
+
+
+def _settle(found: list[tuple[int, torch.Tensor, torch.Tensor]], rank: int, out: PackedMask):
+    """Puts back the candidates above the ``rank``-th, and the ties past the first ones."""
+    candidates = torch.cat([values for _, _, values in found])
+    threshold = int(torch.kthvalue(candidates.cpu(), rank).values)
+    take = rank - int(torch.count_nonzero(candidates < threshold))
+    del candidates
+    seen = 0  # ties met so far: the first `take` stay removed
+    for start, index, values in found:
+        restore = values > threshold
+        ties = (values == threshold).nonzero().squeeze(1)
+        restore[ties[max(take - seen, 0) :]] = True
+        seen += ties.numel()
+        out.set_kept(index[restore].long() + start)
+
+
+def apply_cut_packed(source: KeySource, cut: Cut, out: PackedMask) -> None:
+    """``out`` (flat) for ``cut``: :func:`~sparsify_exp.sparsifier.select.apply_cut` into
+    packed bits, a chunk at a time."""
+    if cut.removes_all or cut.keeps_all:
+        out.fill_(cut.keeps_all)
+        return
+    seen = 0
+    for start, keys in source.chunks():
+        if cut.take == 0:
+            out.write(start, torch.ge(keys, cut.key))
+            continue
+        keep = torch.gt(keys, cut.key)
+        if cut.take < cut.ties and seen < cut.ties:  # some ties are kept: the later ones
+            positions = (keys == cut.key).nonzero().squeeze(1)
+            keep[positions[max(cut.take - seen, 0) :]] = True
+            seen += positions.numel()
+        out.write(start, keep)
+
+
+def write_block_rows(
+    out: PackedMask,
+    data2d: torch.Tensor,
+    grid: PackedMask,
+    block: tuple[int, int],
+    zeros: int,
+    norm: str,
+) -> None:
+    """``out`` (the data's mask) from ``grid`` (kept blocks), a chunk of block rows at a
+    time: whole blocks, or the ``zeros`` smallest entries of each removed block (which
+    reads the data again)."""
+    height, width = data2d.shape
+    whole = zeros == block[0] * block[1]
+    flat = out.reshape(-1)
+    for start, stop in block_ops._row_chunks(height, width, block[0]):
+        keep = grid[start:stop]
+        first, last = start * block[0], min(stop * block[0], height)
+        chunk = torch.empty(last - first, width, dtype=torch.bool, device=out.device)
+        if whole:
+            block_ops.write_block_mask(chunk, keep, block)
+        else:
+            removed = keep.logical_not_()
+            block_ops.write_in_block_mask(chunk, data2d[first:last], removed, block, zeros, norm)
+        flat.write(first * width, chunk.view(-1))
