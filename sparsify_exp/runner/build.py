@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from sparsify_exp.runner.config import evaluator_nodes
 from sparsify_exp.runner.data import DataBundle
 from sparsify_exp.sparsifier import count_nonfinite
+from sparsify_exp.streaming import add_mapped
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -58,7 +59,10 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
         if skip:
             skipped.append(name)
             continue
-        sp.add_data(name, obj, **conf)
+        if bundle.mapped is not None:  # the mask at 1 bit an entry, the data never written
+            add_mapped(sp, name, obj, **conf)
+        else:
+            sp.add_data(name, obj, **conf)
         added[name] = obj
     for i, rule in enumerate(rules):
         if not any(fnmatchcase(n, rule["pattern"]) for n in bundle.named_data):

@@ -335,8 +335,11 @@ def _execute(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
-    rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) else {}
-    sp.squash_mask()
+    mapped = built.bundle.mapped  # memory-mapped data: packed masks, the data never written
+    rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
+    if mapped is not None:
+        mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
+    sp.squash_mask(leave_parametrized=mapped is None)
     tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
         raise RuntimeError("output.quantize=true: the data has no embedding tables")
@@ -348,7 +351,7 @@ def _execute(
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        path = built.bundle.save(data_dir / "sparsified")
+        path = built.bundle.save(data_dir / "sparsified", masks=sp)
         file_bytes = path.stat().st_size
         sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
         sizes["size/dense_bytes"] = file_bytes

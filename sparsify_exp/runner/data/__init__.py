@@ -69,6 +69,9 @@ class DataBundle:
     """For torch files: the loaded object (mutated in place by ``squash_mask``) to save back."""
     metadata: dict[str, str] = field(default_factory=dict)
     """For safetensors files: the input's header metadata, written back unchanged."""
+    mapped: Any = None
+    """The :class:`~sparsify_exp.streaming.Checkpoint` when the data is memory-mapped: its
+    masks are held packed and ``save`` streams the squash to a new ``.safetensors`` file."""
 
     @property
     def suffix(self) -> str:
@@ -83,9 +86,16 @@ class DataBundle:
         out.update(self.extra_tensors)
         return out
 
-    def save(self, stem: Path) -> Path:
+    def save(self, stem: Path, masks: Any = None) -> Path:
+        """Writes the data; memory-mapped data is written with ``masks`` (the sparsifier)
+        applied, a chunk at a time, to a new ``.safetensors`` file."""
         path = stem.with_suffix(self.suffix)
-        if self.format == "torch":
+        if self.mapped is not None:
+            from sparsify_exp.streaming import write_squashed
+
+            metadata = dict(self.metadata) or None
+            write_squashed(self.tensors(), masks, path, metadata=metadata, source=self.mapped)
+        elif self.format == "torch":
             torch.save(self.payload if self.payload is not None else self.tensors(), path)
         else:
             write_safetensors(self.tensors(), path, metadata=dict(self.metadata) or None)

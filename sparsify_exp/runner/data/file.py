@@ -4,18 +4,24 @@
 ``torch.load(weights_only=True)`` (no arbitrary code runs). A torch checkpoint that nests its
 tensors (``{"state_dict": {...}}``, ``{"model": {...}}``) is walked; names are the dotted paths.
 The sparsified data is written back in the input's format, the untouched entries included.
+
+A file larger than ``mmap_above_memory_share`` of the machine's memory (or any file with
+``mmap=true``) is memory-mapped instead of read: the masks are held packed, every step reads
+the file in chunks, and the sparsified checkpoint is written to a new ``.safetensors`` file
+a chunk at a time (:mod:`sparsify_exp.streaming`; a torch file's dotted names become its keys).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, ValidationInfo, validate_call
+from pydantic import AfterValidator, Field, ValidationInfo, validate_call
 
 from sparsify_exp.runner.data import DataBundle, select_names
+from sparsify_exp.streaming import DEFAULT_MEMORY_SHARE, open_checkpoint, should_map
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -117,15 +123,21 @@ def build(
     *,
     exclude: list[str] | None = None,
     include: Annotated[list[str] | None, AfterValidator(_selects_something)] = None,
+    mmap: Literal["auto"] | bool = "auto",
+    mmap_above_memory_share: Annotated[float, Field(gt=0)] = DEFAULT_MEMORY_SHARE,
 ) -> DataBundle:
     """The floating tensors of the checkpoint at ``path`` that ``include`` and ``exclude``
-    (glob patterns) select; the rest is written back unchanged."""
+    (glob patterns) select; the rest is written back unchanged. ``mmap``: ``auto`` maps the
+    file when it is larger than ``mmap_above_memory_share`` of the machine's memory, ``true``
+    always, ``false`` never."""
     p = Path(path).expanduser()
+    if should_map(p, mmap, mmap_above_memory_share):
+        return _mapped(p, include, exclude)
     if p.suffix in SAFETENSORS_SUFFIXES:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        tensors = load_file(str(p))
+        tensors = load_file(str(p), backend="pread")  # in memory: the squash writes in place
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
         items = list(tensors.items())
@@ -150,6 +162,24 @@ def build(
         extra_tensors=extra,
         payload=payload,
         metadata=dict(meta),
+    )
+
+
+def _mapped(p: Path, include: list[str] | None, exclude: list[str] | None) -> DataBundle:
+    """The checkpoint memory-mapped: its tensors stay file-backed."""
+    try:
+        ckpt = open_checkpoint(p, mmap=True)
+    except Exception as e:  # pickle errors for custom classes, a torn header
+        raise ValueError(f"{p}: cannot memory-map ({type(e).__name__}: {e})") from e
+    candidates = [n for n, t in ckpt.tensors.items() if sparsifiable(t)]
+    chosen = set(select_names(candidates, include, exclude))
+    return DataBundle(
+        named_data={n: t for n, t in ckpt.tensors.items() if n in chosen},
+        format="safetensors",
+        source=str(p),
+        extra_tensors={n: t for n, t in ckpt.tensors.items() if n not in chosen},
+        metadata=dict(ckpt.metadata),
+        mapped=ckpt,
     )
 
 
