@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
+from sparsify_exp.runner import distributed
 from sparsify_exp.runner.config import ConfigError, normalize_overrides, validate
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
@@ -53,8 +54,10 @@ class RunCallback(Callback):
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
+        distributed.prepare(cfg)
         return objective(cfg, run(cfg))  # a failure is the launcher's to report
     try:
+        distributed.prepare(cfg)  # data=sharded under torchrun: the process group first
         run(cfg)
     except ConfigError as e:
         _config_exit(e.problems)

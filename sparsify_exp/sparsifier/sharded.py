@@ -79,6 +79,11 @@ def init_process_group(
     with one :class:`ShardError` line instead of waiting forever."""
     if dist.is_initialized():
         return dist.group.WORLD  # type: ignore[return-value]
+    if "init_method" not in kwargs and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        raise ShardError(
+            "process group: no RANK / WORLD_SIZE in the environment; launch the processes "
+            "with torchrun (e.g. torchrun --nproc-per-node 2 ...)"
+        )
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
