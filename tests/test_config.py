@@ -47,9 +47,21 @@ def test_every_group_has_options():
     assert {"none", "example"} <= set(_options("per_name"))
 
 
+# options that build only under torchrun, with a process group: tests/test_sharded.py
+SHARDED = {
+    ("data", "sharded"),
+    ("sparsifier", "sharded_data_norm"),
+    ("sparsifier", "sharded_magnitude"),
+}
+
+
 @pytest.mark.parametrize(("group", "option"), _all_options())
 def test_every_option_composes_validates_and_builds(group, option, weights):
     overrides = [f"{group}=[{option}]" if group == "eval" else f"{group}={option}"]
+    if (group, option) in SHARDED:
+        pair = ["data=sharded"] if group == "sparsifier" else ["sparsifier=sharded_magnitude"]
+        assert validate(compose_config([*overrides, *pair, f"data.path={weights}"])) == []
+        return
     if option == "file":
         overrides.append(f"data.path={weights}")
     if group == "eval" and option == "task":
