@@ -116,3 +116,118 @@ def test_a_sharded_sparsifier_without_a_process_group_says_how_to_make_one():
         sp.add_data("t", data)
     assert not sp.data_groups and torch.equal(data, torch.ones(4, 3))
     assert not torch.distributed.is_initialized()
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def _file_tables() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "emb.user": torch.randint(0, 4, (37, 16), generator=gen).float(),  # many tied blocks
+        "emb.item": torch.randn(20, 8, generator=gen),
+        "step": torch.tensor([3]),
+    }
+
+
+@pytest.mark.slow
+def test_a_sharded_run_writes_the_single_process_result_and_logs_every_rank(store):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sparsify_exp import DataNormSparsifier
+
+    tables = _file_tables()
+    save_file(tables, str(store.dir / "model.safetensors"))
+    proc = torchrun(
+        [
+            "-m",
+            "sparsify_exp",
+            "data=sharded",
+            "data.path=model.safetensors",
+            "sparsifier=sharded_data_norm",
+            "sparsifier.sparse_block_shape=[2,4]",
+            "sparsifier.sparsity_level=0.6",
+            "mlflow.mask_images=0",
+        ],
+        cwd=store.dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ref = DataNormSparsifier(sparsity_level=0.6, sparse_block_shape=(2, 4))
+    for name in ("emb.user", "emb.item"):
+        ref.add_data(name, tables[name].clone())
+    ref.step()
+    kept = sum(int(ref.get_mask(n).sum()) for n in ref.data_groups)
+    ref.squash_mask()
+
+    shards = {}
+    for path in store.dir.glob("outputs/*/*/artifacts/data/sparsified.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            shards[int(meta["sparsify.rank"])] = ({k: f.get_tensor(k) for k in f.keys()}, meta)  # noqa: SIM118
+    assert sorted(shards) == [0, 1]
+    for name in ("emb.user", "emb.item"):
+        whole = torch.cat([shards[0][0][name], shards[1][0][name]])
+        assert torch.equal(whole, ref.get_data(name, return_original=False)), name
+    assert "step" in shards[0][0] and "step" not in shards[1][0]  # the dense rest, once
+    assert json.loads(shards[1][1]["sparsify.shards"])["emb.user"] == [20, 37, 37]  # 2-row align
+
+    runs = sorted(store.runs(), key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in runs] == [
+        "sharded_data_norm-sharded-rank0",
+        "sharded_data_norm-sharded-rank1",
+    ]
+    assert all(r.data.tags.get("sparsify.shard.group") for r in runs)
+    assert len({r.data.tags["sparsify.shard.group"] for r in runs}) == 1
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["sparsify.shard.world_size"] == "2"
+        assert run.data.metrics["table/kept"] == kept
+        assert run.data.metrics["table/sparsity"] == pytest.approx(1 - kept / (37 * 16 + 20 * 8))
+
+
+def test_data_sharded_with_a_sparsifier_that_steps_shards_alone_is_a_config_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsify_exp.runner import compose_config
+    from sparsify_exp.runner.config import validate
+
+    path = tmp_path / "model.safetensors"
+    save_file(_file_tables(), str(path))
+    problems = validate(compose_config(["data=sharded", f"data.path={path}"]))
+    assert len(problems) == 1
+    assert problems[0].startswith("data.sparsifier_target=sparsify_exp.DataNormSparsifier")
+    assert "sparsifier=sharded_data_norm" in problems[0]
+    ok = ["data=sharded", f"data.path={path}", "sparsifier=sharded_data_norm"]
+    assert validate(compose_config([*ok, "sparsifier.sparse_block_shape=[4,4]"])) == []
+    assert compose_config([*ok, "sparsifier.sparse_block_shape=[4,4]"]).data.row_align == 4
+    assert "table" in compose_config(ok).eval  # the whole tables' sparsity, always
+
+
+def test_data_sharded_outside_torchrun_says_how_to_launch_it(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from sparsify_exp.runner.data import sharded
+
+    path = tmp_path / "model.safetensors"
+    save_file(_file_tables(), str(path))
+    monkeypatch.delenv("RANK", raising=False)
+    target = "sparsify_exp.ShardedMagnitudeSparsifier"
+    with pytest.raises(ValueError, match="launch it with torchrun"):
+        sharded.build(str(path), sparsifier_target=target)
+
+
+@pytest.mark.parametrize(
+    ("rows", "world", "align", "expected"),
+    [
+        (37, 2, 2, [(0, 20), (20, 37)]),
+        (10, 2, 1, [(0, 5), (5, 10)]),
+        (5, 4, 2, [(0, 2), (2, 4), (4, 5), (5, 5)]),
+        (3, 2, 4, [(0, 3), (3, 3)]),
+    ],
+)
+def test_each_rank_reads_its_even_part_of_the_rows(rows, world, align, expected):
+    from sparsify_exp.runner.data.sharded import shard_rows
+
+    assert [shard_rows(rows, r, world, align) for r in range(world)] == expected
