@@ -242,6 +242,23 @@ def run_bad(name: str, rank: int) -> dict[str, Any]:
     return {"ok": False, "message": "no ShardError"}
 
 
+def run_levels_differ(rank: int) -> dict[str, Any]:
+    """A schedule out of step on one rank: the step refuses before any mask changes."""
+    sp = ShardedMagnitudeSparsifier(sparsity_level=0.5, timeout_s=60)
+    sp.add_data("t", _normal(14, (6, 4)))
+    sp.data_groups["t"]["sparsity_level"] = 0.5 if rank == 0 else 0.7
+    try:
+        sp.step()
+    except ShardError as error:
+        message = str(error)
+        return {
+            "ok": "configure 't' differently" in message and "sparsity_level=0.7" in message,
+            "message": message,
+            "untouched": bool(sp.get_mask("t").all()),
+        }
+    return {"ok": False, "message": "stepped"}
+
+
 def main(mode: str, out_dir: str) -> int:
     rank = int(os.environ["RANK"])
 
@@ -265,6 +282,7 @@ def main(mode: str, out_dir: str) -> int:
     elif mode == "bad":
         for case in BAD:
             emit(mode, case, rank, run_bad(case, rank))
+        emit(mode, "levels_differ_at_step", rank, run_levels_differ(rank))
         emit(mode, "in_step_after_errors", rank, run_case("data_norm_l1_even", rank))
     elif mode == "missing-step":
         sp = ShardedMagnitudeSparsifier(timeout_s=TIMEOUT_S)

@@ -79,7 +79,7 @@ def test_each_rank_holds_its_rows_of_the_single_process_mask(cases, case):
         assert cases[(case, rank)]["ok"], cases[(case, rank)]
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", [*BAD, "levels_differ_at_step"])
 def test_a_layout_that_is_not_one_table_fails_on_every_rank_in_one_line(bad, case):
     for rank in (0, 1):
         result = bad[(case, rank)]

@@ -215,10 +215,23 @@ class ShardedMixin:
             for name, config in self.data_groups.items()  # type: ignore[attr-defined]
             if not self.is_squashed(name)  # type: ignore[attr-defined]
         ]
-        names = self._exchange("step", [name for name, _, _ in live])
-        if any(other != names[0] for other in names):
-            shown = "; ".join(f"rank {r}: {n[:5]}" for r, n in enumerate(names))
+        mine = (
+            [name for name, _, _ in live],
+            [_config_text(config) for _, _, config in live],
+            (type(self).__name__, self.scope, getattr(self, "norm", None)),
+        )
+        everyone = self._exchange("step", mine)
+        if any(other[0] != everyone[0][0] for other in everyone):
+            shown = "; ".join(f"rank {r}: {e[0][:5]}" for r, e in enumerate(everyone))
             raise ShardError(f"step: the processes hold different names ({shown})")
+        for index, (name, _, _) in enumerate(live):
+            configs = [e[1][index] for e in everyone]
+            if len(set(configs)) > 1:
+                shown = "; ".join(f"rank {r}: {c}" for r, c in enumerate(configs))
+                raise ShardError(f"step: the processes configure {name!r} differently ({shown})")
+        if len({e[2] for e in everyone}) > 1:
+            shown = "; ".join(f"rank {r}: {e[2]}" for r, e in enumerate(everyone))
+            raise ShardError(f"step: the processes' sparsifiers differ ({shown})")
         if not live:
             return
         with torch.no_grad():
@@ -352,6 +365,11 @@ def _layout(
     start = offsets[rank]
     shard = TableShard(start, start + counts[rank], rows, math.prod(everyone[rank]["row_shape"]))
     return shard, {r: start for start, _, r in spans}
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    """A name's config as the processes compare it (they must rank with the same one)."""
+    return ", ".join(f"{k}={config[k]!r}" for k in sorted(config) if k != "mask")
 
 
 def _first_line(error: BaseException) -> str:
