@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -174,6 +175,25 @@ def run_reversed(rank: int) -> dict[str, Any]:
     return {"ok": bool(torch.equal(sp.get_mask("t"), ref.get_mask("t")[start:stop]))}
 
 
+def run_checkpoint(rank: int) -> dict[str, Any]:
+    """A pickled copy and a state_dict keep each shard's rows and step as the original."""
+    table = _ints(15, (10, 8), 0, 3)
+    start, stop = _rows(rank, 10, 4)
+    sp = ShardedDataNormSparsifier(sparsity_level=0.5, timeout_s=60)
+    sp.add_data("t", table[start:stop].clone())
+    sp.step()
+    copied = pickle.loads(pickle.dumps(sp))
+    loaded = ShardedDataNormSparsifier(timeout_s=60)
+    loaded.load_state_dict(sp.state_dict())
+    loaded.get_mask("t").fill_(True)
+    loaded.step()  # collective: the restored rows rank as before
+    return {
+        "ok": torch.equal(copied.get_mask("t"), sp.get_mask("t"))
+        and copied.shard_of("t") == sp.shard_of("t") == loaded.shard_of("t")
+        and torch.equal(loaded.get_mask("t"), sp.get_mask("t"))
+    }
+
+
 # name -> (sparsifier factory, this rank's shard, add_data kwargs, words the error must hold)
 BAD: dict[str, Callable[[int], tuple[Any, torch.Tensor, dict, str]]] = {
     "overlap": lambda r: (
@@ -279,6 +299,7 @@ def main(mode: str, out_dir: str) -> int:
         for case in CASES:
             emit(mode, case, rank, run_case(case, rank))
         emit(mode, "reversed_offsets", rank, run_reversed(rank))
+        emit(mode, "pickle_and_state_dict", rank, run_checkpoint(rank))
     elif mode == "bad":
         for case in BAD:
             emit(mode, case, rank, run_bad(case, rank))

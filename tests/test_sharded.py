@@ -73,7 +73,7 @@ def bad(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", [*CASES, "reversed_offsets"])
+@pytest.mark.parametrize("case", [*CASES, "reversed_offsets", "pickle_and_state_dict"])
 def test_each_rank_holds_its_rows_of_the_single_process_mask(cases, case):
     for rank in (0, 1):
         assert cases[(case, rank)]["ok"], cases[(case, rank)]
