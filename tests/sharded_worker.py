@@ -244,6 +244,12 @@ BAD: dict[str, Callable[[int], tuple[Any, torch.Tensor, dict, str]]] = {
         {"sparsity_level": 0.5 if r == 0 else 2.0},
         "rank 1: data 't': sparsity_level=2.0",
     ),
+    "offset_not_an_integer": lambda r: (
+        ShardedMagnitudeSparsifier(timeout_s=60),
+        torch.ones(5, 4),
+        {"row_offset": 0 if r == 0 else 5.0},
+        "rank 1: row_offset=5.0: must be an integer",
+    ),
 }
 
 

@@ -49,7 +49,7 @@ __all__ = [
     "init_process_group",
 ]
 
-_SHARD_KEY = "shard"  # the state entry (start, stop, table rows): kept by state_dict()
+_SHARD_KEY = "shard"  # state entry (start, stop, table rows, row entries): in state_dict()
 
 
 class ShardError(ValueError):
@@ -172,6 +172,9 @@ class ShardedMixin:
             weight = self._extract_weight(data)  # type: ignore[attr-defined]
             if weight.dim() == 0:
                 problem = "a shard needs at least one dimension (its rows)"
+            for key, value in (("row_offset", row_offset), ("table_rows", table_rows)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    problem = f"{key}={value!r}: must be an integer row count"
             merged = {
                 **(self.data_groups.get(name) or self.defaults),  # type: ignore[attr-defined]
                 **config,
@@ -195,14 +198,13 @@ class ShardedMixin:
         if reason:
             raise ShardError(f"shards of {name!r}: {reason}")
         added = super().add_data(name, data, reuse_mask, **config)  # type: ignore[misc]
-        self.state[name][_SHARD_KEY] = (shard.start, shard.stop, shard.rows)  # type: ignore[attr-defined]
+        layout = (shard.start, shard.stop, shard.rows, shard.row_numel)
+        self.state[name][_SHARD_KEY] = layout  # type: ignore[attr-defined]
         return added
 
     def shard_of(self, name: str) -> TableShard:
         """Which rows of table ``name`` this process holds."""
-        start, stop, rows = self.state[name][_SHARD_KEY]  # type: ignore[attr-defined]
-        data = self.get_data(name, return_original=False)  # type: ignore[attr-defined]
-        return TableShard(start, stop, rows, math.prod(data.shape[1:]))
+        return TableShard(*self.state[name][_SHARD_KEY])  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> None:
