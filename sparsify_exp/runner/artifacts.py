@@ -33,17 +33,22 @@ def write_table(
     path: Path,
     bundle: Any,
     added: Mapping[str, Any],
-    skipped: list[str],
     sparsity: Mapping[str, float],
+    measured: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
-    """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity."""
+    """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity and
+    what the evaluators measured of it, each column named like the metric family whose first
+    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...)."""
     from sparsify_exp.runner.data import as_tensor
 
+    measured = measured or {}
+    columns = list(dict.fromkeys(c for row in measured.values() for c in row))
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity"])
+        w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity", *columns])
         for name, obj in bundle.named_data.items():
             t = as_tensor(obj)
+            row = measured.get(name, {})
             w.writerow(
                 [
                     name,
@@ -53,6 +58,7 @@ def write_table(
                     str(t.dtype).removeprefix("torch."),
                     name in added,
                     f"{sparsity.get(name, 0.0):.6f}",
+                    *(f"{row[c]:.6g}" if c in row else "" for c in columns),
                 ]
             )
 

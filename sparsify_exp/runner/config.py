@@ -173,6 +173,17 @@ class ObjectiveConfig(_Node):
     infeasible: float = -1.0
 
 
+class SweepPickConfig(_Node):
+    metric: NonEmpty = "_summary/sparsity"
+    mode: Literal["max", "min"] = "max"
+    max: dict[str, float] = {}
+    min: dict[str, float] = {}
+
+
+class SweepConfig(_Node):
+    pick: SweepPickConfig = SweepPickConfig()
+
+
 class TrainConfig(_Node):
     fn: dict[str, Any] | None = None
     steps_per_step: Annotated[int, Field(ge=0)] = 0
@@ -193,6 +204,7 @@ class RunnerConfig(_Node):
     schedule: ScheduleConfig
     per_name: PerNameConfig
     objective: ObjectiveConfig = ObjectiveConfig()
+    sweep: SweepConfig = SweepConfig()
     data: dict[str, Any]
     sparsifier: dict[str, Any]
     train: TrainConfig = TrainConfig()

@@ -31,9 +31,11 @@ from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_tabl
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes, validate
 from sparsify_exp.runner.context import JobInfo, job_info
-from sparsify_exp.runner.progress import Progress, human_bytes
+from sparsify_exp.runner.dashboard import run_page
+from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
+from sparsify_exp.runner.summary import Summarizer, SummarizingTracker
 from sparsify_exp.runner.sync import sync
 from sparsify_exp.runner.training import MaskedForward, TrainContext, remask
 from sparsify_exp.sparsifier.row import RowSparsifier, compact_rows
@@ -81,7 +83,7 @@ def run(cfg: DictConfig) -> str:
     tracker.finish()
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
         exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
-        log.info("run %s: %s", tracker.run_id, tr.run_url(tracker.uri, exp_id, tracker.run_id))
+        log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
     return tracker.run_id
 
 
@@ -247,6 +249,7 @@ def _execute(
     state = checkpoint.load(job.output_dir) if resuming else None
     if state is not None:
         tracker = _SkipLogged(tracker, _last_logged_step(tracker))
+    tracker = SummarizingTracker(tracker, Summarizer(built.evaluators.values()))
     sp, names = built.sparsifier, list(built.added)
     numels = {n: as_tensor(built.added[n]).numel() for n in names}
     tracker.log_params(
@@ -279,6 +282,7 @@ def _execute(
         model=built.bundle.model,
         artifacts_dir=eval_dir,
         extras={"training": built.train_fn is not None},
+        max_names=int(m["max_name_metrics"]),
     )
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 
@@ -329,7 +333,7 @@ def _execute(
     # ---- the masks: compact file, pictures, table
     save_masks(sp, names, artifacts / "masks" / "final.safetensors")
     write_table(
-        artifacts / "per_name.csv", built.bundle, built.added, built.skipped, measure.per_name
+        artifacts / "per_name.csv", built.bundle, built.added, measure.per_name, ctx.per_name
     )
     n_img = mask_images(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
@@ -370,10 +374,10 @@ def _execute(
         "%d mask image(s); %s dense -> %s as bitmask + kept values",
         f"{zeroed:,}",
         f"{total:,}",
-        _percent(zeroed / max(total, 1)),
+        percent(zeroed / max(total, 1)),
         len(names),
-        _percent(last.get("sparsity/min", math.nan)),
-        _percent(last.get("sparsity/max", math.nan)),
+        percent(last.get("sparsity/min", math.nan)),
+        percent(last.get("sparsity/max", math.nan)),
         n_img,
         human_bytes(sizes["size/dense_bytes"]),
         human_bytes(sizes["size/compressed_bytes"]),
@@ -430,14 +434,6 @@ def _compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
         "rows/total": float(sum(c.remap.numel() for c in compact.values())),
         "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
     }
-
-
-def _percent(fraction: float) -> str:
-    """Enough digits that a small fraction is not shown as 0 (0.004%, 12.5%)."""
-    if not math.isfinite(fraction) or fraction in (0.0, 1.0):
-        return f"{fraction:.0%}"
-    digits = max(1, min(6, 1 - math.floor(math.log10(fraction * 100))))
-    return f"{fraction * 100:.{digits}f}%"
 
 
 def upload_artifacts(tracker: tr.RunTracker, artifacts: Path, job: JobInfo) -> None:

@@ -4,6 +4,7 @@ log lines otherwise) and sizes in binary units."""
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Mapping
 
@@ -45,3 +46,11 @@ def human_bytes(n: float, digits: int = 1) -> str:
     """``11.0 MiB``: bytes in B / KiB / MiB / GiB."""
     power = next((p for p in (0, 1, 2) if abs(n) < 1024 ** (p + 1)), 3)
     return f"{n:.0f} B" if not power else f"{n / 1024**power:.{digits}f} {'KMG'[power - 1]}iB"
+
+
+def percent(fraction: float) -> str:
+    """Enough digits that a small fraction is not shown as 0 (0.004%, 12.5%)."""
+    if not math.isfinite(fraction) or fraction in (0.0, 1.0):
+        return f"{fraction:.0%}"
+    digits = max(1, min(6, 1 - math.floor(math.log10(fraction * 100))))
+    return f"{fraction * 100:.{digits}f}%"

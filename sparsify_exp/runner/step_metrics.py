@@ -115,7 +115,9 @@ class StepMetrics:
         self.steps_seen += 1
 
     def measure(self, sparsifier: Any, scheduled: float | None = None) -> dict[str, float]:
-        metrics: dict[str, float] = {}
+        """This step's metrics: the aggregates first, then per name (MLflow lists a run's
+        metrics in the order they were first logged)."""
+        per_name: dict[str, float] = {}
         zeros, changed = 0, 0
         self.per_name = {}
         for n in self.names:
@@ -127,8 +129,9 @@ class StepMetrics:
             if self.churn is not None:
                 changed += self.churn.update(n, mask)
             if n in self.keyed:
-                metrics[self.keyed[n]] = self.per_name[n]
+                per_name[self.keyed[n]] = self.per_name[n]
         values = list(self.per_name.values())
+        metrics: dict[str, float] = {}
         metrics["sparsity/overall"] = zeros / max(self.total, 1)
         metrics["sparsity/min"] = min(values)
         metrics["sparsity/mean"] = sum(values) / len(values)
@@ -138,7 +141,7 @@ class StepMetrics:
         if scheduled is not None:
             metrics[self.schedule_key] = scheduled
         self.steps_seen += 1
-        return metrics
+        return metrics | per_name
 
     def close(self) -> None:
         """Frees the remembered masks once the steps are done."""

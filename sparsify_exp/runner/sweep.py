@@ -24,19 +24,22 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
+from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.config import ConfigError, format_value, validate
 from sparsify_exp.runner.context import absolute_under
+from sparsify_exp.runner.dashboard import run_page
 from sparsify_exp.runner.signals import is_stop
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -67,6 +70,8 @@ class _Sweep:
     run_id: str
     sweep_dir: str
     prev_env: str | None
+    pick: dict[str, Any] = field(default_factory=dict)
+    swept: list[str] = field(default_factory=list)
 
 
 _ACTIVE_SWEEP: _Sweep | None = None
@@ -246,10 +251,23 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     run_id = tr.start_sweep_run(
         client, exp_id, sweep_dir, {k: v for k, v in tags.items() if v is not None}
     )
+    client.log_batch(  # what the sweep varies, over which values: the parent's params
+        run_id,
+        params=[Param(f"sweep.{k}", str(v)[:6000]) for k, v in _swept(config)]
+        + [Param("sweep.jobs", tags["sparsify.jobs"])],
+    )
     prev = os.environ.get(tr.PARENT_ENV)
     os.environ[tr.PARENT_ENV] = f"{run_id}|{sweep_dir}"
     os.environ[tr.SWEPT_ENV] = ",".join(k for k, _ in _swept(config))
-    _ACTIVE_SWEEP = _Sweep(uri, run_id, sweep_dir, prev)
+    pick = OmegaConf.select(config, "sweep.pick", default=None)
+    _ACTIVE_SWEEP = _Sweep(
+        uri,
+        run_id,
+        sweep_dir,
+        prev,
+        OmegaConf.to_container(pick) if pick is not None else {},  # type: ignore[arg-type]
+        [k for k, _ in _swept(config)],
+    )
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
         run_id,
@@ -349,9 +367,9 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
         try:
             write_sweep_report(client, sweep.run_id)
-            log.info("sweep report logged to parent run %s", sweep.run_id)
         except Exception as e:
             log.warning("sweep report for parent run %s failed: %s", sweep.run_id, e)
+        answer = _log_pick(client, sweep, children)
         results = Path(sweep.sweep_dir) / RESULTS_FILE
         if results.is_file():
             client.log_artifact(sweep.run_id, str(results), artifact_path=REPORT_DIR)
@@ -367,5 +385,61 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
             client.set_terminated(sweep.run_id, "KILLED" if stopped else "FAILED")
         else:
             client.set_terminated(sweep.run_id, "FINISHED")
+        parent = client.get_run(sweep.run_id)
+        url = run_page(sweep.uri, parent.info.experiment_id, sweep.run_id)
+        log.info(
+            "sweep %s: %d of %d jobs finished; picked %s; parent run: %s",
+            parent.info.status,
+            len(children) - failed,
+            len(children),
+            answer,
+            url,
+        )
     except Exception as e:
         log.warning("could not close sweep parent run %s: %s", sweep.run_id, e)
+
+
+def _log_pick(client: Any, sweep: _Sweep, children: list[Any]) -> str:
+    """Logs on the parent run the picked child's summary metrics, tags naming it and the rule,
+    a description with the answer and a link to the sweep's runs-table view; returns the pick
+    in words."""
+    from mlflow.entities import Metric
+
+    from sparsify_exp.runner.dashboard import column, save_sweep_view, view_fragment
+    from sparsify_exp.runner.pick import describe, pick_child
+    from sparsify_exp.runner.summary import is_summary
+
+    pick = pick_child(children, sweep.pick)
+    rule = pick.rule
+    if pick.unused_bounds:
+        rule += f" (not logged, so not applied: {'; '.join(pick.unused_bounds)})"
+    tags = {"sparsify.pick_rule": rule}
+    keys = sorted({k for r in children for k in r.data.metrics if is_summary(k)})
+    if pick.run is not None:
+        m = pick.run.data.metrics
+        now = int(time.time() * 1000)
+        client.log_batch(
+            sweep.run_id, metrics=[Metric(k, float(m[k]), now, 0) for k in keys if k in m]
+        )
+        tags |= {"sparsify.pick": pick.name, "sparsify.pick_run_id": pick.run.info.run_id}
+    answer = describe(pick, keys)
+    parent = client.get_run(sweep.run_id)
+    exp_id = parent.info.experiment_id
+    view = ""
+    try:
+        columns = [  # a swept group is a choice tag; a swept value, a param
+            column("params", k) if "." in k else column("tags", f"{tr.CHOICE_TAG_PREFIX}{k}")
+            for k in sweep.swept
+        ]
+        key = save_sweep_view(client, exp_id, sweep.run_id, parent.info.run_name, columns, keys)
+        view = f" Every child, summary columns: [runs table](#/{view_fragment(exp_id, key)})."
+    except Exception as e:  # the answer stands without the view
+        log.warning("could not save the sweep's runs-table view: %s", e)
+    tags["mlflow.note.content"] = (
+        f"**Pick: {answer}**\n\nRule: {rule} ({pick.eligible} of {pick.candidates} finished "
+        f"children meet it). The parent's `_summary/` metrics are the pick's.{view} "
+        "The sweep report: `report/sweep_report.md`."
+    )
+    for key_, value in tags.items():
+        client.set_tag(sweep.run_id, key_, value)
+    return answer

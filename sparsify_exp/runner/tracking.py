@@ -353,15 +353,6 @@ def sweep_children_frame(client: MlflowClient, parent_run_id: str) -> pd.DataFra
     return runs_frame(find_sweep_runs(client, parent_run_id)[1])
 
 
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where to see a run: the tracking server's page for it, or the ``mlflow ui`` command to
-    start one over a local store and the page it will serve."""
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {uri}  # then http://127.0.0.1:5000/{page}"
-
-
 #: Set by the sweep callback for its jobs: the keys the sweep varies, comma-separated.
 SWEPT_ENV = "SPARSIFY_EXP_SWEPT_KEYS"
 

@@ -13,6 +13,10 @@ which ``on_masked`` and ``on_end`` cover), with the masks of that step; by defau
 
 Each hook returns flat metrics (``{"fidelity/rel_error": 0.12}``); the runner logs them to
 the job's MLflow run. Keys start with the evaluator's ``name`` so a sweep report can find them.
+Per-name values go through :meth:`Evaluator.per_name_metrics`: every name lands in the run's
+``per_name.csv`` (column ``<evaluator>/<metric>``), and the first ``ctx.max_names`` names also
+become MLflow keys ``<evaluator>/<metric>/<name>``. :meth:`Evaluator.summary` picks the
+headline numbers the run also logs under ``_summary/`` (see docs/runner.md, "Metrics").
 Files an evaluator writes under ``ctx.artifacts_dir`` are logged as run artifacts.
 """
 
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsify_exp.runner.evaluation._util import metric_key
 from sparsify_exp.sparsifier import BaseDataSparsifier
 
 Metrics = dict[str, float]
@@ -42,12 +47,45 @@ class EvalContext:
     """The module the data came from, when the data source built or loaded one."""
     artifacts_dir: Path = field(default_factory=lambda: Path("."))
     extras: dict[str, Any] = field(default_factory=dict)
+    max_names: int = 20
+    """Per-name MLflow keys for at most this many names (the runner's
+    ``mlflow.max_name_metrics``, one cap for every per-name family)."""
+    per_name: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``name -> {column: value}``: what the evaluators measured per name, for ``per_name.csv``."""
 
 
 class Evaluator:
     """Base class: override any of the hooks; each returns metrics to log."""
 
     name: str = "evaluator"
+    headline: tuple[str, ...] = ()
+    """Metrics (without the ``<name>/`` prefix) a user compares across runs: logged again as
+    ``_summary/<name>_<metric>``."""
+    max_names: int | None = None
+    """Per-name MLflow keys for at most this many names; None: ``ctx.max_names``."""
+
+    def summary(self, metrics: Mapping[str, float]) -> Metrics:
+        """``{short name: value}`` of the headline metrics among ``metrics``."""
+        out: Metrics = {}
+        for key in self.headline:
+            value = metrics.get(f"{self.name}/{key}")
+            if value is not None:
+                out[f"{self.name}_{key}".replace("/", "_")] = value
+        return out
+
+    def per_name_metrics(
+        self, ctx: EvalContext, metric: str, values: Mapping[str, float]
+    ) -> Metrics:
+        """Records ``values`` (``name -> value``) as column ``<evaluator>/<metric>`` of the
+        per-name table, and returns the MLflow keys of the first names under the cap."""
+        column = f"{self.name}/{metric}"
+        for name, value in values.items():
+            ctx.per_name.setdefault(name, {})[column] = float(value)
+        cap = ctx.max_names if self.max_names is None else self.max_names
+        return {
+            metric_key(self.name, metric, name): float(value)
+            for name, value in list(values.items())[:cap]
+        }
 
     def on_start(self, ctx: EvalContext) -> Metrics:
         return {}

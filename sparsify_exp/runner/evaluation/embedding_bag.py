@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify_exp.runner.evaluation._util import metric_key, weight_of
+from sparsify_exp.runner.evaluation._util import weight_of
 from sparsify_exp.runner.evaluation.base import EvalContext, Evaluator, Metrics
 
 _MODES = ("sum", "mean", "max")
@@ -81,6 +81,7 @@ class EmbeddingBagEvaluator(Evaluator):
     """Cosine similarity of dense vs sparsified bag outputs, and forward-time ratios."""
 
     name = "embedding_bag"
+    headline = ("cosine_mean",)
 
     def __init__(
         self,
@@ -91,7 +92,7 @@ class EmbeddingBagEvaluator(Evaluator):
         timing_repeats: int = 7,
         csr_timing: bool = True,
         include_tensors: bool = False,
-        max_names: int = 50,
+        max_names: int | None = None,
     ) -> None:
         problems = []
         if num_bags < 1:
@@ -138,9 +139,11 @@ class EmbeddingBagEvaluator(Evaluator):
         sp = ctx.sparsifier
         metrics: Metrics = {}
         all_cos = []
+        cos_mean: dict[str, float] = {}
+        cos_p05: dict[str, float] = {}
         t_dense = t_sparse = t_csr = 0.0
         csr_ok = self.csr_timing and self.timing_repeats > 0
-        for i, (name, mode) in enumerate(self._tables(ctx)):
+        for name, mode in self._tables(ctx):
             dense = sp.get_data(name, return_original=True).detach()
             mask = sp.get_mask(name).detach().to(device=dense.device, dtype=torch.bool)
             sparse = dense * mask
@@ -156,11 +159,8 @@ class EmbeddingBagEvaluator(Evaluator):
             both_zero = (out_dense.abs().sum(1) == 0) & (out_sparse.abs().sum(1) == 0)
             cos = torch.where(both_zero, torch.ones_like(cos), cos)
             all_cos.append(cos)
-            if i < self.max_names:
-                metrics[metric_key(self.name, "cosine_mean", name)] = float(cos.mean())
-                metrics[metric_key(self.name, "cosine_p05", name)] = float(
-                    torch.quantile(cos, 0.05)
-                )
+            cos_mean[name] = float(cos.mean())
+            cos_p05[name] = float(torch.quantile(cos, 0.05))
 
             if self.timing_repeats > 0:
                 csr = self._csr_forward(sparse, indices, offsets, mode) if csr_ok else None
@@ -181,6 +181,8 @@ class EmbeddingBagEvaluator(Evaluator):
             metrics[f"{self.name}/forward_time_ratio"] = t_sparse / t_dense
             if csr_ok:
                 metrics[f"{self.name}/forward_time_ratio_csr"] = t_csr / t_dense
+        metrics.update(self.per_name_metrics(ctx, "cosine_mean", cos_mean))
+        metrics.update(self.per_name_metrics(ctx, "cosine_p05", cos_p05))
         return metrics
 
     def _csr_forward(self, sparse: torch.Tensor, indices, offsets, mode: str):

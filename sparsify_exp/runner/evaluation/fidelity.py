@@ -11,9 +11,10 @@ masked data: ``rel_error`` is how far training and the mask moved the data toget
 ``energy_kept`` may exceed 1.
 
 Both are logged overall (every name pooled, so large tensors weigh by their size) and per
-name, up to ``max_names`` names (the rest only go to the ``fidelity.csv`` artifact, which
-always lists every name). Computed in ``on_masked``, where the original data and the masks
-both exist, in float64, in row chunks so a large table needs little extra memory.
+name, up to ``max_names`` names (default: the runner's ``mlflow.max_name_metrics``; the rest
+only go to ``per_name.csv`` and the ``fidelity.csv`` artifact, which list every name).
+Computed in ``on_masked``, where the original data and the masks both exist, in float64, in
+row chunks so a large table needs little extra memory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import math
 
 import torch
 
-from sparsify_exp.runner.evaluation._util import metric_key
 from sparsify_exp.runner.evaluation.base import EvalContext, Evaluator, Metrics
 
 _CHUNK_ENTRIES = 1 << 22  # ~4M entries a chunk: bounded temporaries for any table size
@@ -62,9 +62,10 @@ class FidelityEvaluator(Evaluator):
     """Relative reconstruction error and L2 energy kept, overall and per name."""
 
     name = "fidelity"
+    headline = ("rel_error",)
 
-    def __init__(self, max_names: int = 50, write_table: bool = True) -> None:
-        if max_names < 0:
+    def __init__(self, max_names: int | None = None, write_table: bool = True) -> None:
+        if max_names is not None and max_names < 0:
             raise ValueError(f"max_names={max_names}: must be >= 0")
         self.max_names = max_names
         self.write_table = write_table
@@ -99,9 +100,8 @@ class FidelityEvaluator(Evaluator):
         }
         if rows:
             metrics[f"{self.name}/rel_error_max"] = max(r[1] for r in rows)
-        for name, r, f in rows[: self.max_names]:
-            metrics[metric_key(self.name, "rel_error", name)] = r
-            metrics[metric_key(self.name, "energy_kept", name)] = f
+        metrics.update(self.per_name_metrics(ctx, "rel_error", {n: r for n, r, _ in rows}))
+        metrics.update(self.per_name_metrics(ctx, "energy_kept", {n: f for n, _, f in rows}))
         if self.write_table and rows:
             ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
             with open(ctx.artifacts_dir / f"{self.name}.csv", "w", newline="") as fh:

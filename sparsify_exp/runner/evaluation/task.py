@@ -69,6 +69,18 @@ class TaskEvaluator(Evaluator):
         self.name = name
         self._dense: dict[str, float] = {}
 
+    def summary(self, metrics: Mapping[str, float]) -> Metrics:
+        """Each metric on the sparsified data (``<name>_<m>``) and its change from dense
+        (``<name>_<m>_delta``)."""
+        out: Metrics = {}
+        for key, value in metrics.items():
+            head, _, tail = key.rpartition("/")
+            prefix, _, metric = head.partition("/")
+            if prefix == self.name and metric and tail in ("sparse", "delta"):
+                short = f"{self.name}_{metric}" + ("_delta" if tail == "delta" else "")
+                out[short.replace("/", "_")] = value
+        return out
+
     def _subject(self, ctx: EvalContext) -> Any:
         if self.receives == "model" or (self.receives == "auto" and ctx.model is not None):
             if ctx.model is None:
