@@ -49,7 +49,8 @@ shot() {  # shot NAME URL [HEIGHT]
     "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \
         --user-data-dir="$(mktemp -d)" --hide-scrollbars --window-size="1800,${3:-1100}" \
-        --virtual-time-budget=15000 --screenshot="$OUT/$1.png" "$2" >/dev/null 2>&1
+        --run-all-compositor-stages-before-draw \
+        --virtual-time-budget=30000 --screenshot="$OUT/$1.png" "$2" >/dev/null 2>&1
     echo "$OUT/$1.png  $2"
 }
 shot runs_table "$BASE/runs?viewStateShareKey=$PARENT&$CLASSIC"

@@ -28,14 +28,14 @@ class Progress:
         sparsity = metrics.get("sparsity/overall", float("nan"))
         churn = metrics.get("churn/overall")
         if self.bar is not None:
-            post = {"sparsity": f"{sparsity:.4f}"}
+            post = {"sparsity": percent(sparsity)}
             if churn is not None:
-                post["churn"] = f"{churn:.4f}"
+                post["churn"] = percent(churn)
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         elif self.mode == "log" and (step % self.every == 0 or step == self.steps - 1):
-            extra = f"  churn {churn:.4f}" if churn is not None else ""
-            log.info("step %d/%d  sparsity %.4f%s", step + 1, self.steps, sparsity, extra)
+            extra = f"  churn {percent(churn)}" if churn is not None else ""
+            log.info("step %d/%d  sparsity %s%s", step + 1, self.steps, percent(sparsity), extra)
 
     def close(self) -> None:
         if self.bar is not None:
