@@ -3,6 +3,7 @@
     python scripts/bench_data_sparsifier.py            # the default sizes (a few minutes)
     python scripts/bench_data_sparsifier.py --big      # also step an 8 GiB table (ours only)
     python scripts/bench_data_sparsifier.py --only new --threads 1
+    python scripts/bench_data_sparsifier.py --huge     # 32 and 8 GiB tables memory-mapped
 
 Prints ratios, since absolute seconds on a shared machine mean little. Peak memory is the
 rise of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
@@ -372,10 +373,26 @@ def main() -> None:
         action="store_true",
         help="also run prune.global_unstructured on the >= 1 GiB tables (about 4x their memory)",
     )
+    parser.add_argument(
+        "--huge",
+        action="store_true",
+        help="only the tables larger than memory: made on disk, stepped memory-mapped, squashed "
+        "to new files (see scripts/bench_huge_table.py)",
+    )
+    parser.add_argument("--huge-gib", type=int, nargs="+", default=[32, 8], help="table sizes")
+    parser.add_argument(
+        "--huge-dir", type=Path, default=Path("bench_huge"), help="where the tables are written"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the --huge files")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.huge:
+        from bench_huge_table import main as huge
+
+        huge(args.huge_dir, args.huge_gib, args.keep)
+        return
     if args.only in ("all", "data_norm"):
         bench_big_table(args.rows, args.cols, 0.8, (1, 4))
         bench_many_small(args.small)

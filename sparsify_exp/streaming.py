@@ -221,21 +221,34 @@ def _keep(mask: Any, start: int, stop: int) -> torch.Tensor:
     return flat if flat.dtype == torch.bool else flat != 0
 
 
+def _hole_bytes(tensor: torch.Tensor, mask: Any) -> int:
+    """Bytes of the chunks of ``tensor`` that ``mask`` removes whole (left as holes)."""
+    holes = 0
+    for start, view in flat_views(tensor, _WRITE_ENTRIES):
+        stop = start + view.numel()
+        if isinstance(mask, PackedMask) and start % 8 == 0:
+            kept = bool(mask.bits[start // 8 : -(-stop // 8)].any())
+        else:
+            kept = bool(_keep(mask, start, stop).any())
+        holes += 0 if kept else view.numel() * view.element_size()
+    return holes
+
+
 def _write_tensor(f: Any, tensor: torch.Tensor, mask: Any) -> int:
     """Writes ``tensor`` (masked: removed entries become 0) a chunk at a time; returns the
-    entries its mask keeps."""
+    entries its mask keeps. A chunk the mask removes whole is skipped, not written: the file
+    system keeps it as a hole, which reads as zeros and takes no disk."""
     kept = 0
     tensor = tensor.detach().cpu() if tensor.device.type != "cpu" else tensor.detach()
-    if mask is not None and tuple(mask.shape) != tuple(tensor.shape):
-        raise ValueError(
-            f"a mask of shape {tuple(mask.shape)} does not fit a tensor of shape "
-            f"{tuple(tensor.shape)}"
-        )
     for start, view in flat_views(tensor, _WRITE_ENTRIES):
         chunk = view.reshape(-1)
         if mask is not None:
             keep = _keep(mask, start, start + chunk.numel())
-            kept += int(torch.count_nonzero(keep))
+            count = int(torch.count_nonzero(keep))
+            kept += count
+            if count == 0:
+                f.seek(chunk.numel() * chunk.element_size(), os.SEEK_CUR)
+                continue
             chunk = torch.where(keep.to(chunk.device), chunk, chunk.new_zeros(()))
         f.write(chunk.contiguous().view(torch.uint8).numpy().data)
     return kept
@@ -251,7 +264,9 @@ def write_squashed(
     """Writes ``tensors`` to a new ``.safetensors`` file at ``path``, each one that ``masks``
     (a sparsifier, or ``{name: mask}`` of bool tensors or :class:`PackedMask`) names with its
     removed entries zeroed, a chunk at a time: the bytes ``safetensors.torch.save_file``
-    writes for the squashed tensors, without holding any of them in memory.
+    writes for the squashed tensors, without holding any of them in memory. Chunks of
+    :data:`_WRITE_ENTRIES` entries that a mask removes whole are left as holes (a sparse
+    file), so a table whose tail is pruned takes less disk than its size.
 
     Before anything is written: ``path`` must not be ``source``'s file, its file system
     must have room for the whole file (:class:`NotEnoughSpaceError`), and ``source`` must
@@ -264,16 +279,23 @@ def write_squashed(
     header, order = _header(tensors, metadata)
     payload = sum(t.numel() * t.element_size() for t in tensors.values())
     total = 8 + len(header) + payload
+    chosen = _masks_of(masks, order)
+    for name, mask in chosen.items():
+        if tuple(mask.shape) != tuple(tensors[name].shape):
+            raise ValueError(
+                f"{name!r}: a mask of shape {tuple(mask.shape)} does not fit a tensor of shape "
+                f"{tuple(tensors[name].shape)}"
+            )
+    needed = total - sum(_hole_bytes(tensors[n], m) for n, m in chosen.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
-    if free < total:
+    if free < needed:
         raise NotEnoughSpaceError(
-            f"{path}: the sparsified checkpoint needs {_human(total)} but its file system has "
-            f"{_human(free)} free; nothing was written"
+            f"{path}: the sparsified checkpoint needs {_human(needed)} of disk but its file "
+            f"system has {_human(free)} free; nothing was written"
         )
     if source is not None:
         source.check_unchanged()
-    chosen = _masks_of(masks, order)
     partial = path.with_name(path.name + ".partial")
     saved = 0
     try:
@@ -287,6 +309,7 @@ def write_squashed(
                     dense = tensor.numel() * tensor.element_size()
                     encoded = packed_nbytes(tensor.numel()) + kept * tensor.element_size()
                     saved += max(dense - encoded, 0)
+            f.truncate(total)  # the size, even when the file ends in a hole
             f.flush()
             os.fsync(f.fileno())
         if source is not None:

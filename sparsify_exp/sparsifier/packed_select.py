@@ -7,7 +7,9 @@ byte an entry is a quarter of fp32 data, and scattered reads pull in the file ar
 point. Here the keep bits go straight into a :class:`PackedMask` and the sample is read as
 a few contiguous stripes, so a step is one sequential pass over the data:
 
-1. keys of :data:`STRIPES` evenly spaced stripes bracket the ``k``-th key ``[low, high]``;
+1. keys of :data:`STRIPES` evenly spaced stripes bracket the ``k``-th key ``[low, high]``
+   (read with ``madvise(MADV_RANDOM)``, so each stripe costs a page or two, not the
+   kernel's read-around of megabytes);
 2. one pass writes "kept" for every key above ``high`` and notes the keys inside the
    bracket (with their positions) and the count below it;
 3. the ``k``-th key among the noted ones is the threshold; the noted keys above it, and the
@@ -21,6 +23,8 @@ way exactly ``k`` keys are removed, the lowest, ties by position: the in-memory 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 from collections.abc import Iterator
 
@@ -45,8 +49,10 @@ __all__ = [
     "write_block_rows",
 ]
 
-STRIPES = 64  # contiguous stripes read to bracket the threshold
+_TRIM_EVERY = 64  # chunks between returns of freed heap pages to the system
+STRIPES = 1024  # contiguous stripes read to bracket the threshold
 SAMPLE = 1 << 20  # keys in all over the stripes
+_MADV_NORMAL, _MADV_RANDOM = 0, 1
 
 
 class EntryKeys(DataKeys):
@@ -65,7 +71,8 @@ class BlockScoreKeys(KeySource):
     whole grid at once for small data), so they rank as the in-memory step ranks them."""
 
     def __init__(self, data2d: torch.Tensor, block: tuple[int, int], norm: str) -> None:
-        self.data2d, self.block, self.norm = data2d, block, norm
+        self.data = self.data2d = data2d
+        self.block, self.norm = block, norm
         self.height, self.width = data2d.shape
         self.rows, self.cols = block_ops.grid_shape(self.height, self.width, block)
         self.numel = self.rows * self.cols
@@ -103,6 +110,32 @@ class BlockScoreKeys(KeySource):
         raise NotImplementedError("block scores are read in ranges (keys_range)")
 
 
+def _advise(tensor: torch.Tensor, advice: int) -> None:
+    """``madvise`` over the tensor's pages (readahead of a memory-mapped file); nothing
+    where there is no such call or the data is not in CPU memory."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    page = 4096
+    address = tensor.data_ptr()
+    first = address - address % page
+    length = address - first + tensor.untyped_storage().nbytes()
+    madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), ctypes.c_int(advice))
+
+
+def _trim_heap() -> None:
+    """Returns the free pages inside the C heap to the system (glibc's ``malloc_trim``).
+
+    A pass allocates chunk-sized temporaries and keeps small candidate tensors between them;
+    the heap then fragments, and its free holes would stay resident: over a whole table,
+    more than the data itself. Nothing where the call does not exist."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _stripe_sample(source: EntryKeys | BlockScoreKeys) -> torch.Tensor:
     """Keys of :data:`STRIPES` evenly spaced contiguous ranges (all keys when few), sorted."""
     n = source.numel
@@ -111,7 +144,11 @@ def _stripe_sample(source: EntryKeys | BlockScoreKeys) -> torch.Tensor:
     else:
         per = SAMPLE // STRIPES
         starts = [i * (n - per) // (STRIPES - 1) for i in range(STRIPES)]
-        parts = [source.keys_range(s, s + per) for s in starts]
+        _advise(source.data, _MADV_RANDOM)
+        try:
+            parts = [source.keys_range(s, s + per) for s in starts]
+        finally:
+            _advise(source.data, _MADV_NORMAL)
     return torch.sort(torch.cat(parts).cpu()).values
 
 
@@ -122,7 +159,9 @@ def _bracket(sample: torch.Tensor, n: int, k: int, top: int) -> tuple[int, int]:
         kth = int(sample[k - 1])
         return kth, kth
     position = k / n * m
-    spread = 4.0 * math.sqrt(m) + 2  # the rank's deviation is at most sqrt(m) / 2: 8 of them
+    # the rank's deviation is at most sqrt(m) / 2 for a uniform sample: 12 of them either
+    # side, as the stripes' entries are not independent (rows of one scale)
+    spread = 6.0 * math.sqrt(m) + 2
     lo_index, hi_index = math.floor(position - spread), math.ceil(position + spread)
     low = int(sample[lo_index]) if lo_index >= 0 else 0
     high = int(sample[hi_index]) if hi_index < m else top
@@ -150,14 +189,18 @@ def select_packed(
     index_dtype = torch.int32 if n < 2**31 else torch.int64
     below, held = 0, 0
     found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    for start, keys in source.chunks():
+    for count, (start, keys) in enumerate(source.chunks()):
+        if count % _TRIM_EVERY == _TRIM_EVERY - 1:
+            _trim_heap()
         keep = torch.gt(keys, high)  # provisional: everything up to `high` is removed
         out.write(start, keep)
         if low > 0:
-            lower = torch.lt(keys, low)
-            below += int(torch.count_nonzero(lower))
-            keep.logical_or_(lower)
-        index = keep.logical_not_().nonzero().squeeze(1)
+            at_least = torch.ge(keys, low)
+            below += keys.numel() - int(torch.count_nonzero(at_least))
+            inside = at_least.logical_xor_(keep)  # keep implies at_least
+        else:
+            inside = keep.logical_not_()
+        index = inside.nonzero().squeeze(1)
         held += index.numel()
         if held > cap:
             break
