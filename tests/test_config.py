@@ -113,6 +113,10 @@ MISTAKES = [
         "(allowed: sparsity_level, sparse_block_shape, zeros_per_block, norm, scope)",
     ),
     (
+        ["sparsifier=first_row", "+sparsifier.sparsity_level=2"],
+        "sparsifier.sparsity_level=2: not an argument of FirstRowSparsifier (allowed: none)",
+    ),
+    (
         ["sparsifier._target_=sparsify_exp.NoSuchSparsifier"],
         "sparsifier._target_=sparsify_exp.NoSuchSparsifier: cannot import",
     ),

@@ -362,9 +362,11 @@ def check_target(
     except (TypeError, ValueError):
         return fn
     label = target.rsplit(".", 1)[-1]
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        allowed = [n for n in params if n not in supplied]
-        for key in args.keys() - set(params):
+    declared = tuple(getattr(fn, "config_keys", None) or ())  # what a **defaults class reads
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if hasattr(fn, "config_keys") or len(named) == len(params):
+        allowed = [n for n in named if n not in supplied] + list(declared)
+        for key in args.keys() - set(named) - set(declared):
             problems.add(
                 f"{prefix}.{key}",
                 args[key],
