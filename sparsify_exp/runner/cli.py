@@ -19,6 +19,7 @@ from sparsify_exp.runner import distributed
 from sparsify_exp.runner.config import ConfigError, normalize_overrides, validate
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
+from sparsify_exp.runner.launchers import launcher_in_args, missing_launcher
 from sparsify_exp.runner.signals import exit_code, is_stop, sigterm_raises, stop_reason
 from sparsify_exp.runner.sweep import finish_sweep, objective
 from sparsify_exp.runner.tracking import failure_reason
@@ -72,6 +73,10 @@ def main() -> None:
     128 + the signal's number, the run (a sweep's parent and running children) KILLED."""
     aborted: BaseException | None = None
     sys.argv[1:] = normalize_overrides(sys.argv[1:])
+    missing = missing_launcher(launcher_in_args(sys.argv[1:]))
+    if missing:  # before Hydra, which would only say it cannot find the option
+        sys.stderr.write(f"{missing}\n")
+        raise SystemExit(2)
     try:
         with sigterm_raises():
             _hydra_main()

@@ -148,6 +148,7 @@ class SweepCallback(Callback):
         from sparsify_exp.runner.spool import StoreUnreachable
 
         jobs, complete = _validate_sweep(config)  # SystemExit(2) on a config mistake
+        _check_launcher(config)
         try:
             _start_sweep(config, len(jobs) if complete else None)
         except StoreUnreachable as e:  # every job would fail the same way: stop here
@@ -162,6 +163,22 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish_sweep()
+
+
+def _check_launcher(config: DictConfig) -> None:
+    """Exits with one line when the launcher lacks a package (2) or its Ray cluster does
+    not answer (1), before the parent run or any job exists."""
+    from sparsify_exp.runner import launchers
+
+    choice = OmegaConf.select(config, "hydra.runtime.choices", default={}).get("hydra/launcher")
+    missing = launchers.missing_launcher(choice)
+    if missing:
+        sys.stderr.write(f"{missing}\n")
+        raise SystemExit(2)
+    unreachable = launchers.unreachable_ray(launchers.ray_address(config))
+    if unreachable:
+        sys.stderr.write(f"{unreachable}\n")
+        raise SystemExit(1)
 
 
 def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
