@@ -227,7 +227,7 @@ def run_size(directory: Path, gib: int, keep: bool) -> None:
         print(f"table written in {seconds:.1f} s ({table_bytes / seconds / 1e9:.2f} GB/s)")
     cat = cat_seconds(path)
     print(f"cat file > /dev/null:       {cat:7.1f} s  ({table_bytes / cat / 1e9:.2f} GB/s read)")
-    fits = table_bytes * 3 < memory_bytes()
+    fits = table_bytes * 2 < memory_bytes()
     try:
         for label, make in sparsifiers().items():
             evict(path)

@@ -27,6 +27,7 @@ import torch
 
 from sparsify_exp.sparsifier.mask_bits import packed_nbytes
 from sparsify_exp.sparsifier.packed_mask import PackedMask
+from sparsify_exp.sparsifier.packed_select import ReadAhead
 from sparsify_exp.sparsifier.select import flat_views
 
 __all__ = [
@@ -240,8 +241,11 @@ def _write_tensor(f: Any, tensor: torch.Tensor, mask: Any) -> int:
     system keeps it as a hole, which reads as zeros and takes no disk."""
     kept = 0
     tensor = tensor.detach().cpu() if tensor.device.type != "cpu" else tensor.detach()
+    ahead = ReadAhead(tensor) if tensor.is_contiguous() else None
     for start, view in flat_views(tensor, _WRITE_ENTRIES):
         chunk = view.reshape(-1)
+        if ahead is not None:
+            ahead.at((start + chunk.numel()) * chunk.element_size())
         if mask is not None:
             keep = _keep(mask, start, start + chunk.numel())
             count = int(torch.count_nonzero(keep))
