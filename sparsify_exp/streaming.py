@@ -16,8 +16,10 @@ near the threshold and the packed masks. The input file is never written to.
 from __future__ import annotations
 
 import json
+import mmap as mmap_module
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,17 +151,72 @@ def open_checkpoint(
     stamp = _stamp(path)
     mapped = should_map(path, mmap, memory_share)
     if path.suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
+        if mapped:
+            tensors, metadata = _map_safetensors(path)
+        else:
+            from safetensors import safe_open
 
-        # the mmap backend gives file-backed tensors; pread reads them into memory
-        backend = "mmap" if mapped else "pread"
-        with safe_open(str(path), framework="pt", backend=backend) as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-            metadata = dict(f.metadata() or {})
+            with safe_open(str(path), framework="pt", backend="pread") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+                metadata = dict(f.metadata() or {})
         return Checkpoint(path, "safetensors", tensors, mapped, metadata, stamp=stamp)
-    payload = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
+    if mapped:
+        # shared, so that a file larger than memory can be mapped at all (a private mapping
+        # of it is refused: the kernel would have to promise memory for every page); the
+        # tensors are only ever read
+        with torch.serialization.set_default_mmap_options(mmap_module.MAP_SHARED):
+            payload = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    else:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
     tensors = dict(_walk(payload, path.stem if isinstance(payload, torch.Tensor) else ""))
     return Checkpoint(path, "torch", tensors, mapped, payload=payload, stamp=stamp)
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file over one read-only shared mapping of it.
+
+    Read-only and shared: a mapping that could be written (``safe_open``'s, private) of a
+    file larger than memory is refused by the kernel's overcommit check, and a read-only
+    one cannot change the input: writing to these tensors is a crash, not a change.
+    """
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        mapping = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ)
+    metadata = dict(header.pop("__metadata__", None) or {})
+    tensors = {}
+    with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is meant to be
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, info in header.items():
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not mapped")
+            shape = [int(s) for s in info["shape"]]
+            begin, end = info["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            if count == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=8 + size + begin)
+            tensors[name] = flat.view(shape)
+    return tensors, metadata
 
 
 def add_mapped(sparsifier: Any, name: str, data: torch.Tensor, **config: Any) -> torch.Tensor:
