@@ -226,7 +226,10 @@ def run_size(directory: Path, gib: int, keep: bool) -> None:
         seconds = make_table(path, rows)
         print(f"table written in {seconds:.1f} s ({table_bytes / seconds / 1e9:.2f} GB/s)")
     cat = cat_seconds(path)
-    print(f"cat file > /dev/null:       {cat:7.1f} s  ({table_bytes / cat / 1e9:.2f} GB/s read)")
+    print(
+        f"cat file > /dev/null:       {cat:7.1f} s  ({table_bytes / cat / 1e9:.2f} GB/s read; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
     fits = table_bytes * 2 < memory_bytes()
     try:
         for label, make in sparsifiers().items():
@@ -235,14 +238,14 @@ def run_size(directory: Path, gib: int, keep: bool) -> None:
             sp = make()
             add_mapped(sp, "table", ckpt.tensors["table"])
             with AnonPeak() as stepping:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 sp.step()
-                step_s = time.perf_counter() - start
+                step_s, step_cpu = time.perf_counter() - start, time.process_time() - cpu
             evict(path)
             with AnonPeak() as squashing:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 written = write_squashed(ckpt.tensors, sp, out, source=ckpt)
-                squash_s = time.perf_counter() - start
+                squash_s, squash_cpu = time.perf_counter() - start, time.process_time() - cpu
             mask = sp.get_mask("table")
             on_disk = out.stat().st_blocks * 512
             peak = max(stepping.peak, squashing.peak)
@@ -256,6 +259,10 @@ def run_size(directory: Path, gib: int, keep: bool) -> None:
                 f"table (target <= 0.3x; step +{(stepping.peak - stepping.before) / GIB:.2f} "
                 f"GiB, squash +{(squashing.peak - squashing.before) / GIB:.2f} GiB over "
                 f"{stepping.before / GIB:.2f} GiB before)"
+            )
+            print(
+                f"{'':18s} CPU time: step {step_cpu:.1f} s, squash {squash_cpu:.1f} s; load "
+                f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
             )
             print(
                 f"{'':18s} output {written.file_bytes / GIB:.2f} GiB, {on_disk / GIB:.2f} GiB on "
