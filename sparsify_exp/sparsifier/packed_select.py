@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import queue
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +40,7 @@ from sparsify_exp.sparsifier.select import (
     DataKeys,
     KeySource,
     _narrow,
+    flat_views,
     key_dtype_for,
     magnitude_keys,
 )
@@ -100,11 +103,13 @@ class EntryKeys(DataKeys):
     pass reads ahead (:class:`ReadAhead`)."""
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """As :meth:`DataKeys.chunks`, but each chunk a new tensor (it may be used while
+        the next one is computed)."""
         ahead = ReadAhead(self.data) if self.data.is_contiguous() else None
-        for start, keys in super().chunks():
+        for start, view in flat_views(self.data, self.limit):
             if ahead is not None:
-                ahead.at((start + keys.numel()) * self.data.element_size())
-            yield start, keys
+                ahead.at((start + view.numel()) * self.data.element_size())
+            yield start, magnitude_keys(view, self.key_dtype, square=self.square)
 
     def keys_range(self, start: int, stop: int) -> torch.Tensor:
         if self.data.is_contiguous():
@@ -238,7 +243,10 @@ def select_packed(
     index_dtype = torch.int32 if n < 2**31 else torch.int64
     below, held = 0, 0
     found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    for count, (start, keys) in enumerate(source.chunks()):
+    chunks = source.chunks()
+    if isinstance(source, (EntryKeys, BlockScoreKeys)) and n > SAMPLE:
+        chunks = _prefetched(chunks)  # their chunks are new tensors: safe to compute ahead
+    for count, (start, keys) in enumerate(chunks):
         if count % _TRIM_EVERY == _TRIM_EVERY - 1:
             _trim_heap()
         keep = torch.gt(keys, high)  # provisional: everything up to `high` is removed
@@ -261,6 +269,45 @@ def select_packed(
     del found
     (cut,) = _narrow([source], k, cap, source.key_dtype)
     apply_cut_packed(source, cut, out)
+
+
+T = TypeVar("T")
+
+
+def _prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``items`` computed up to ``depth`` ahead in a thread: the next chunk's reads and keys
+    overlap this chunk's selection (torch ops release the GIL), on a second core where there
+    is one. Stopping early stops the thread; its errors are raised here."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(item, timeout=0.05)
+                return
+
+    def produce() -> None:
+        try:
+            for item in items:
+                put(item)
+                if stop.is_set():
+                    return
+            put(end)
+        except BaseException as error:  # raised in the consumer
+            put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _settle(found: list[tuple[int, torch.Tensor, torch.Tensor]], rank: int, out: PackedMask):
