@@ -286,3 +286,52 @@ def test_an_unreachable_tracking_server_is_one_line_before_any_job(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"tracking server {uri} unreachable"), lines
     assert not list(tmp_path.glob("multirun/*/*/.submitit"))  # no job was submitted
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ray_sweep_kills_the_parent_and_cancels_the_jobs(store, tmp_path):
+    """Ray's driver exits on SIGTERM by default; the sweep's own handling wins: exit 143,
+    the parent KILLED, no job left RUNNING."""
+    import signal
+    import time
+
+    with ray_head(tmp_path / "ray.log") as head:
+        args = [
+            "hydra/launcher=ray",
+            f"hydra.launcher.address={head.address}",
+            "data.tensors=[{name: w, shape: [2048, 2048]}]",
+            "schedule=constant",
+            "schedule.steps=3000",  # long enough that SIGTERM lands mid-run
+            "eval=[]",
+            "mlflow.mask_images=0",
+            "output.progress=none",
+            "seed=1,2,3",
+        ]
+        with open(store.dir / "sweep.out", "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sparsify_exp", "-m", *args],
+                cwd=store.dir,
+                env=sweep_env(store.uri),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                children = [r for r in store.runs() if "mlflow.parentRunId" in r.data.tags]
+                if any(r.info.status == "RUNNING" for r in children):
+                    break
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = (store.dir / "sweep.out").read_text()
+    assert proc.returncode == 143, output[-3000:]
+    (parent,) = find_sweeps(store.client, "sparsify_exp")
+    parent, children = find_sweep_runs(store.client, parent.info.run_id)
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["sparsify.failure"] == "SIGTERM: stopped by SIGTERM"
+    assert children and "RUNNING" not in {c.info.status for c in children}
+    assert "KILLED" in {c.info.status for c in children}

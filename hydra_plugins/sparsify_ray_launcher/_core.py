@@ -8,6 +8,8 @@ import contextlib
 import fnmatch
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,10 +66,14 @@ def launch(
         )
     try:
         return [_result(ref, cfg) for ref, cfg in zip(refs, sweep_configs, strict=True)]
-    except BaseException:  # SIGTERM / Ctrl-C: the running jobs stop (KILLED) with the sweep
+    except BaseException as e:  # SIGTERM / Ctrl-C: the running jobs stop (KILLED) with the sweep
         for ref in refs:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
+        cause = e.__cause__ or e.__context__
+        if isinstance(e, SystemError) and cause is not None:
+            # A signal handler that raised while ray.get waited: Ray wraps its exception.
+            raise cause from None
         raise
 
 
@@ -80,7 +86,12 @@ def connect(settings: Mapping[str, Any]) -> None:
     address = settings.get("address") or os.environ.get("RAY_ADDRESS") or None
     if settings.get("runtime_env"):
         kwargs["runtime_env"] = settings["runtime_env"]
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, **kwargs)
+    if threading.current_thread() is threading.main_thread():
+        # ray.init makes SIGTERM exit the driver at once; the runner's own handler stops the
+        # sweep instead: its parent and running children end KILLED, the jobs are cancelled.
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def task_options(settings: Mapping[str, Any]) -> dict[str, Any]:
