@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds of each wait for the jobs (ray.get would not let SIGTERM's handler run).
+WAIT_S = 0.5
+#: Seconds a stopped sweep waits for Ray to confirm its jobs are cancelled.
+CANCEL_WAIT_S = 10.0
+
 
 def launch(
     launcher: RayLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -65,11 +70,16 @@ def launch(
             )
         )
     try:
+        pending = list(refs)
+        while pending:  # short waits: a signal's handler runs between them
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_S)
         return [_result(ref, cfg) for ref, cfg in zip(refs, sweep_configs, strict=True)]
     except BaseException as e:  # SIGTERM / Ctrl-C: the running jobs stop (KILLED) with the sweep
-        for ref in refs:
+        for ref in refs:  # a running job's worker is killed: the sweep marks its run KILLED
             with contextlib.suppress(Exception):
-                ray.cancel(ref)
+                ray.cancel(ref, force=True)
+        with contextlib.suppress(BaseException):
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
         cause = e.__cause__ or e.__context__
         if isinstance(e, SystemError) and cause is not None:
             # A signal handler that raised while ray.get waited: Ray wraps its exception.
