@@ -335,3 +335,43 @@ def test_sigterm_to_a_ray_sweep_kills_the_parent_and_cancels_the_jobs(store, tmp
     assert parent.data.tags["sparsify.failure"] == "SIGTERM: stopped by SIGTERM"
     assert children and "RUNNING" not in {c.info.status for c in children}
     assert "KILLED" in {c.info.status for c in children}
+
+
+@pytest.mark.slow
+def test_a_ray_job_whose_worker_dies_fails_alone(store, tmp_path):
+    """A job that kills its Ray worker (``os._exit``, as the OOM killer would) is reported
+    failed; the other job finishes and the sweep's parent ends FAILED, naming the count. The
+    evaluator lives in the launch folder: Ray's workers import it from there too."""
+    (store.dir / "dying.py").write_text(
+        "import os\n"
+        "from sparsify_exp.runner.evaluation.base import Evaluator\n\n\n"
+        "class Die(Evaluator):\n"
+        "    name = 'die'\n\n"
+        "    def __init__(self, now: bool = False):\n"
+        "        self.now = now\n\n"
+        "    def on_start(self, ctx):\n"
+        "        if self.now:\n"
+        "            os._exit(3)\n"
+        "        return {'die/alive': 1.0}\n"
+    )
+    with ray_head(tmp_path / "ray.log") as head:
+        proc = run_sweep(
+            [
+                "hydra/launcher=ray",
+                f"hydra.launcher.address={head.address}",
+                *JOB,
+                "+eval.die._target_=dying.Die",
+                "+eval.die.now=false,true",
+            ],
+            store.dir,
+            sweep_env(store.uri),
+        )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    (parent,) = find_sweeps(store.client, "sparsify_exp")
+    parent, children = find_sweep_runs(store.client, parent.info.run_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["sparsify.jobs_failed"] == "1"
+    (done,) = [c for c in children if c.info.status == "FINISHED"]
+    assert done.data.metrics["die/alive"] == 1.0
+    assert "Ray task failed" in out
