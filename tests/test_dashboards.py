@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
@@ -130,7 +131,7 @@ def test_the_per_name_table_has_every_name_under_the_metric_names(sweep):
 
 
 def test_the_parent_answers_the_sweep(sweep):
-    proc, _client, parent, children = sweep
+    proc, client, parent, children = sweep
     allowed = [c for c in children if c.data.metrics["_summary/fidelity_rel_error"] <= 0.6]
     best = max(allowed, key=lambda c: c.data.metrics["_summary/sparsity"])
     assert best.data.metrics["_summary/sparsity"] < max(
@@ -153,6 +154,13 @@ def test_the_parent_answers_the_sweep(sweep):
     page = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert f"{page}?workflowType=machine_learning" in last
     assert "mlflow ui --backend-store-uri sqlite:///" in last
+    # the report names the runs and marks the pick
+    report = Path(client.download_artifacts(parent.info.run_id, "report/sweep_report.md"))
+    text = report.read_text()
+    assert f"Picked: **{best.info.run_name}** (highest _summary/sparsity" in text
+    assert f"| **{best.info.run_name}** (picked) | FINISHED |" in text
+    for child in children:
+        assert f"| {child.info.run_name} |" in text or child is best
 
 
 def test_the_sweep_saves_a_runs_table_view_of_its_children(sweep):

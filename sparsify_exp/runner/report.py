@@ -56,6 +56,9 @@ class SweepReport:
     quality_keys: list[str]
     series_keys: list[str]
     files: list[Path] = field(default_factory=list)
+    pick: str = ""
+    """The child the parent run picked (tag ``sparsify.pick``) and by which rule."""
+    pick_rule: str = ""
 
 
 # ----------------------------------------------------------------------------- the table
@@ -159,8 +162,8 @@ def _cell(column: str, value: object) -> str:
 
 
 def markdown(report: SweepReport) -> str:
-    """The table to read: run ids cut short, and a dense value shared by every job stated once
-    above the table instead of in every row."""
+    """The table to read: runs by name (the pick in bold), and a dense value shared by every
+    job stated once above the table instead of in every row."""
     t = report.table
     baselines = {
         k: t[k].iloc[0]
@@ -177,9 +180,13 @@ def markdown(report: SweepReport) -> str:
     if baselines:
         dense = ", ".join(f"`{k}` = {_cell(k, v)}" for k, v in baselines.items())
         lines.append(f"Dense baseline (every job): {dense}.")
+    if report.pick:
+        lines.append(f"Picked: **{report.pick}** ({report.pick_rule}).")
     lines += ["", "| " + " | ".join(["run", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
     for _, row in t.iterrows():
-        cells = [row["run_id"][:8], *(_cell(c, row[c]) for c in cols)]
+        name = str(row["run_name"] or row["run_id"][:8]).replace("|", "\\|")
+        name = f"**{name}** (picked)" if report.pick and row["run_name"] == report.pick else name
+        cells = [name, *(_cell(c, row[c]) for c in cols)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, ""])
 
@@ -297,10 +304,13 @@ def build_sweep_report(
     """Read the sweep's child runs and write the table and plots into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+    parent = client.get_run(parent_run_id)
+    experiment = client.get_experiment(parent.info.experiment_id).name
     # through the client, not mlflow.search_runs: that one reads the global tracking URI
     children = tr.sweep_children_frame(client, parent_run_id)
     report = build_table(children, parent_run_id, f"Sweep report: experiment {experiment}")
+    report.pick = parent.data.tags.get("sparsify.pick", "")
+    report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
     plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}

@@ -382,11 +382,11 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         failed = sum(r.info.status != "FINISHED" for r in children)
         client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(children) - failed))
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
+        answer = _log_pick(client, sweep, children)  # first: the report marks the pick
         try:
             write_sweep_report(client, sweep.run_id)
         except Exception as e:
             log.warning("sweep report for parent run %s failed: %s", sweep.run_id, e)
-        answer = _log_pick(client, sweep, children)
         results = Path(sweep.sweep_dir) / RESULTS_FILE
         if results.is_file():
             client.log_artifact(sweep.run_id, str(results), artifact_path=REPORT_DIR)
