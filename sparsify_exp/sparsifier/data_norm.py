@@ -11,6 +11,7 @@ from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.checks import check_level, check_norm
+from sparsify_exp.sparsifier.mask import flat_keep
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.packed_select import BlockScoreKeys, select_packed, write_block_rows
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
@@ -236,15 +237,12 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         zeros: int,
     ) -> None:
         """``mask`` from the grid of ``removed`` blocks (a ``bool`` it may overwrite)."""
-        direct = mask.dtype == torch.bool and mask.is_contiguous()
-        out = mask if direct else torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
-        out2d = out.view(data2d.shape)
-        if zeros == block[0] * block[1]:
-            block_ops.write_block_mask(out2d, removed.logical_not_(), block)
-        else:
-            block_ops.write_in_block_mask(out2d, data2d, removed, block, zeros, self.norm)
-        if not direct:
-            mask.copy_(out)
+        with flat_keep(mask) as keep:
+            out2d = keep.view(data2d.shape)
+            if zeros == block[0] * block[1]:
+                block_ops.write_block_mask(out2d, removed.logical_not_(), block)
+            else:
+                block_ops.write_in_block_mask(out2d, data2d, removed, block, zeros, self.norm)
 
     def _write_cut(
         self, mask: torch.Tensor, data: torch.Tensor, block: tuple[int, int], zeros: int, cut: Cut
@@ -257,15 +255,8 @@ class DataNormSparsifier(GlobalScopeMixin, BaseDataSparsifier):
             mask.fill_(False)
             return
         if block == (1, 1):  # the scores are the entries' own magnitudes: no grid
-            direct = mask.dtype == torch.bool and mask.is_contiguous()
-            keep = (
-                mask.view(-1)
-                if direct
-                else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
-            )
-            apply_cut(self._entry_keys(data, cut.key_dtype), cut, keep)
-            if not direct:
-                mask.copy_(keep.view(mask.shape))
+            with flat_keep(mask) as keep:
+                apply_cut(self._entry_keys(data, cut.key_dtype), cut, keep)
             return
         data2d = block_ops.as_2d(data)
         scores = mean_scores(data2d, block, self.norm)

@@ -9,6 +9,7 @@ import torch
 
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.checks import check_level, checked_config
+from sparsify_exp.sparsifier.mask import flat_keep
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.packed_select import EntryKeys, apply_cut_packed, select_packed
 from sparsify_exp.sparsifier.scope import GlobalScopeMixin, check_scope
@@ -69,20 +70,13 @@ class MagnitudeSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         **kwargs: Any,
     ) -> None:
         mask = self.get_mask(name)
-        direct = mask.dtype == torch.bool and mask.is_contiguous()
-        keep = (
-            mask.view(-1)
-            if direct
-            else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
-        )
-        if global_cut is None:
-            level = check_level(sparsity_level)
-            source = DataKeys(data, key_dtype_for(data.dtype))
-            select_and_write(source, round(level * data.numel()), keep)
-        else:
-            apply_cut(DataKeys(data, global_cut.key_dtype), global_cut, keep)
-        if not direct:
-            mask.copy_(keep.view(mask.shape))
+        with flat_keep(mask) as keep:
+            if global_cut is None:
+                level = check_level(sparsity_level)
+                source = DataKeys(data, key_dtype_for(data.dtype))
+                select_and_write(source, round(level * data.numel()), keep)
+            else:
+                apply_cut(DataKeys(data, global_cut.key_dtype), global_cut, keep)
 
     def update_packed_mask(  # type: ignore[override]
         self,

@@ -10,11 +10,13 @@ pickling or saving a mask gives a plain tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["Mask", "new_mask", "to_mask"]
+__all__ = ["Mask", "flat_keep", "new_mask", "to_mask"]
 
 
 def _as_keep(mask: torch.Tensor, other: Any) -> Any:
@@ -68,3 +70,16 @@ def to_mask(tensor: torch.Tensor) -> Mask:
     if tensor.dtype != torch.bool:
         tensor = tensor != 0
     return tensor if isinstance(tensor, Mask) else tensor.as_subclass(Mask)
+
+
+@contextmanager
+def flat_keep(mask: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A flat ``bool`` tensor to write ``mask``'s keep bits into: ``mask`` itself when it is a
+    contiguous ``bool`` tensor, else a buffer copied into ``mask`` on exit."""
+    direct = mask.dtype == torch.bool and mask.is_contiguous()
+    keep = (
+        mask.view(-1) if direct else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
+    )
+    yield keep
+    if not direct:
+        mask.copy_(keep.view(mask.shape))

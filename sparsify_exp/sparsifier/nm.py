@@ -10,6 +10,7 @@ import torch
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier.base import BaseDataSparsifier, _extract_weight
 from sparsify_exp.sparsifier.block_ops import CHUNK_ELEMENTS
+from sparsify_exp.sparsifier.mask import flat_keep
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.scope import check_scope
 from sparsify_exp.sparsifier.select import flat_views, key_dtype_for, magnitude_keys
@@ -137,17 +138,10 @@ class NMSparsifier(BaseDataSparsifier):
         if n == 0:
             mask.fill_(False)
             return
-        direct = mask.dtype == torch.bool and mask.is_contiguous()
-        keep = (
-            mask.view(-1)
-            if direct
-            else torch.empty(mask.numel(), dtype=torch.bool, device=mask.device)
-        )
-        for start, keys, scratch in self._groups(data, n, m):
-            out = keep[start : start + keys.numel()]
-            _keep_largest(keys.view(-1, m), n, out.view(-1, m), scratch)
-        if not direct:
-            mask.copy_(keep.view(mask.shape))
+        with flat_keep(mask) as keep:
+            for start, keys, scratch in self._groups(data, n, m):
+                out = keep[start : start + keys.numel()]
+                _keep_largest(keys.view(-1, m), n, out.view(-1, m), scratch)
 
     def update_packed_mask(  # type: ignore[override]
         self, name: str, data: torch.Tensor, mask: PackedMask, n: int, m: int, **kwargs: Any

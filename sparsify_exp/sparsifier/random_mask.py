@@ -13,6 +13,7 @@ from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier.base import BaseDataSparsifier
 from sparsify_exp.sparsifier.block_ops import CHUNK_ELEMENTS
 from sparsify_exp.sparsifier.checks import check_level, checked_config
+from sparsify_exp.sparsifier.mask import flat_keep
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.packed_select import select_packed
 from sparsify_exp.sparsifier.scope import check_scope
@@ -156,11 +157,9 @@ class RandomSparsifier(BaseDataSparsifier):
         mask = self.get_mask(name)
         n = mask.numel()
         k = round(level * n)
-        direct = mask.dtype == torch.bool and mask.is_contiguous()
-        keep = mask.view(-1) if direct else torch.empty(n, dtype=torch.bool, device=mask.device)
-        select_and_write(RandomKeys(n, salt, mask.device), k, keep, _bracket(n, k) if n else None)
-        if not direct:
-            mask.copy_(keep.view(mask.shape))
+        with flat_keep(mask) as keep:
+            bracket = _bracket(n, k) if n else None
+            select_and_write(RandomKeys(n, salt, mask.device), k, keep, bracket)
 
     def update_packed_mask(  # type: ignore[override]
         self,
