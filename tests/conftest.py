@@ -190,3 +190,29 @@ def mlflow_server(tmp_path, migrated_db):
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a fresh tmpfs of ``size`` (``"2m"``) under ``tmp_path``, for a disk that
+    fills; needs root and mount(8) (skipped elsewhere); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        mount_bin = shutil.which("mount")
+        if mount_bin is None:
+            pytest.skip("no mount(8)")
+        done = subprocess.run(
+            [mount_bin, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)

@@ -347,23 +347,9 @@ def test_every_sparsifier_runs_on_every_kind_of_data(sparsifier, data, store, tm
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MiB tmpfs (needs root and mount(8); skipped elsewhere), unmounted afterwards."""
-    import shutil
-    import subprocess
-
-    where = tmp_path / "tiny"
-    where.mkdir()
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount(8)")
-    done = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield where
-    subprocess.run(["umount", str(where)], check=False)
+def tiny_disk(tmpfs):
+    """A 2 MiB file system (see ``tmpfs`` in conftest)."""
+    return tmpfs("2m")
 
 
 def test_a_disk_that_fills_fails_the_run_with_one_line(store, cli, tiny_disk):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -314,20 +312,9 @@ def test_the_input_file_is_never_the_output(tmp_path):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount(8); skipped elsewhere), unmounted afterwards."""
-    where = tmp_path / "tiny"
-    where.mkdir()
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount(8)")
-    done = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield where
-    subprocess.run(["umount", str(where)], check=False)
+def tiny_disk(tmpfs):
+    """A 1 MiB file system (see ``tmpfs`` in conftest)."""
+    return tmpfs("1m")
 
 
 def test_an_output_that_does_not_fit_is_refused_before_writing(tmp_path, tiny_disk):

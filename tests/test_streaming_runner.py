@@ -81,23 +81,9 @@ def test_a_memory_mapped_torch_checkpoint_is_written_as_safetensors(store, tmp_p
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MiB tmpfs (needs root and mount(8); skipped elsewhere), unmounted afterwards."""
-    import shutil
-    import subprocess
-
-    where = tmp_path / "tiny"
-    where.mkdir()
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount(8)")
-    done = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield where
-    subprocess.run(["umount", str(where)], check=False)
+def tiny_disk(tmpfs):
+    """A 2 MiB file system (see ``tmpfs`` in conftest)."""
+    return tmpfs("2m")
 
 
 def test_an_output_that_does_not_fit_fails_the_run_on_one_line(store, cli, tmp_path, tiny_disk):
