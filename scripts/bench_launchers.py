@@ -51,7 +51,7 @@ def run(name: str, launcher: list[str], at_once: int, args: list[str], template:
     """Runs the sweep in a fresh folder and store; returns its row of the table."""
     from mlflow.tracking import MlflowClient
 
-    from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+    from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
     work = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
     shutil.copy(template, work / "mlflow.db")

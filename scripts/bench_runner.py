@@ -5,7 +5,7 @@
    MLflow's schema migrations), against the cost of ``import torch, mlflow`` alone and of
    ``import hydra`` + composing the config. Medians of ``--repeat`` runs, each in a fresh
    process.
-2. Logging 1,000 names x 10 steps through :class:`sparsify_exp.runner.tracking.RunTracker`
+2. Logging 1,000 names x 10 steps through :class:`sparsify_exp.runner.tracking.store.RunTracker`
    (``log_batch``), in ms per metric, next to MLflow's one-call-per-metric ``log_metric``.
 
 The numbers depend on the machine and its load; they are printed, never asserted.
@@ -87,7 +87,7 @@ def _fmt(xs: list[float]) -> str:
 def bench_logging(names: int, steps: int) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sparsify_exp.runner.tracking import RunTracker, ensure_experiment
+    from sparsify_exp.runner.tracking.store import RunTracker, ensure_experiment
 
     with tempfile.TemporaryDirectory() as d:
         client = MlflowClient(tracking_uri=f"sqlite:///{d}/mlflow.db")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from services import RAY_LOOPBACK_ENV, free_port, ray_head, tracking_server
 
-from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 STEPS = 4
 #: Small jobs: the launchers' own work is what these tests are about.

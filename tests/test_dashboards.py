@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Metric
 
-from sparsify_exp.runner.dashboard import VIEW_TAG_PREFIX, column
-from sparsify_exp.runner.pick import describe, pick_child
-from sparsify_exp.runner.summary import Summarizer
-from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.sweep.pick import describe, pick_child
+from sparsify_exp.runner.sweep.summary import Summarizer
+from sparsify_exp.runner.sweep.views import VIEW_TAG_PREFIX, column
+from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 SUMMARY = (
     "_summary/sparsity",

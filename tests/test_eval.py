@@ -303,7 +303,7 @@ def test_task_resolves_dotted_paths():
     with pytest.raises(ValueError, match="has no attribute"):
         resolve_callable("sparsify_exp.runner.examples.digits.nope")
     with pytest.raises(ValueError, match="not a callable"):
-        resolve_callable("sparsify_exp.runner.tracking.SPARSITY_KEY")
+        resolve_callable("sparsify_exp.runner.tracking.store.SPARSITY_KEY")
     with pytest.raises(ValueError, match="dotted path"):
         TaskEvaluator(fn="accuracy")
     with pytest.raises(ValueError, match="receives='weights'"):

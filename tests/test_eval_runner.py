@@ -10,7 +10,7 @@ import matplotlib
 import pytest
 
 from sparsify_exp.runner import run_overrides
-from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 matplotlib.use("Agg")
 import matplotlib.image as mpimg

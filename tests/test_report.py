@@ -12,7 +12,7 @@ import matplotlib
 import mlflow
 import pytest
 
-from sparsify_exp.runner import report as rep
+from sparsify_exp.runner.sweep import report as rep
 
 matplotlib.use("Agg")
 import matplotlib.image as mpimg

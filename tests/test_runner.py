@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from sparsify_exp.masks import load_masks
 from sparsify_exp.runner import run_overrides
 from sparsify_exp.runner.evaluation import Evaluator
-from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:

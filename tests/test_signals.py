@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 LONG = [
     "schedule=constant",

@@ -18,9 +18,12 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from sparsify_exp.runner import run_overrides
-from sparsify_exp.runner import spool as sp
 from sparsify_exp.runner.evaluation import Evaluator
-from sparsify_exp.runner.tracking import RunTracker, ensure_experiment
+from sparsify_exp.runner.tracking import heartbeat, reachability
+from sparsify_exp.runner.tracking import spool as sp
+from sparsify_exp.runner.tracking.store import RunTracker, ensure_experiment
+from sparsify_exp.runner.tracking.tracker import SpoolTracker
+from sparsify_exp.runner.tracking.uploader import Uploader
 
 HTTP_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
@@ -105,10 +108,10 @@ def test_http_requests_fail_fast_once_configured(monkeypatch):
     from mlflow.exceptions import MlflowException
 
     closed = f"http://127.0.0.1:{free_port()}"
-    sp.configure_http("sqlite:///x.db")
+    reachability.configure_http("sqlite:///x.db")
     assert all(name not in os.environ for name in HTTP_ENV)  # only for HTTP stores
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")  # the user's choice stays
-    sp.configure_http(closed, request_timeout_s=7)
+    reachability.configure_http(closed, request_timeout_s=7)
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
     with pytest.raises(MlflowException, match="Connection refused"):
@@ -131,11 +134,11 @@ def test_sql_store_drops_identical_metric_rows(store):
 def test_spool_uploads_exactly_what_was_logged(store, tmp_path):
     client = store.client
     upstream = _new_run(client)
-    tracker = sp.SpoolTracker(
+    tracker = SpoolTracker(
         upstream, tmp_path / "job" / "spool", uri=store.uri, heartbeat_s=0.2, poll_s=0.1
     )
     spool_dir = tmp_path / "job" / "spool" / tracker.run_id
-    first_beat = int(client.get_run(tracker.run_id).data.tags.get(sp.HEARTBEAT_TAG, 0))
+    first_beat = int(client.get_run(tracker.run_id).data.tags.get(heartbeat.HEARTBEAT_TAG, 0))
     logged = _log_some(tracker, tmp_path)
     lines = (spool_dir / sp.RECORDS_FILE).read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -144,12 +147,12 @@ def test_spool_uploads_exactly_what_was_logged(store, tmp_path):
     time.sleep(1.2)  # a few heartbeats, and the flusher's rounds
     run = client.get_run(tracker.run_id)
     assert run.info.status == "RUNNING"
-    assert int(run.data.tags[sp.HEARTBEAT_TAG]) > first_beat
+    assert int(run.data.tags[heartbeat.HEARTBEAT_TAG]) > first_beat
     assert len(client.get_metric_history(tracker.run_id, "loss")) == 20  # uploaded live
     tracker.finish()
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
-    assert sp.HEARTBEAT_TAG in run.data.tags and "sparsify.failure" not in run.data.tags
+    assert heartbeat.HEARTBEAT_TAG in run.data.tags and "sparsify.failure" not in run.data.tags
     _assert_logged(client, tracker.run_id, logged)
     assert not (tmp_path / "job" / "spool").exists()  # all acknowledged: removed
     assert (tmp_path / "art" / "sub" / "b.bin").is_file()  # the job's own files stay
@@ -163,10 +166,10 @@ def test_spool_left_behind_is_synced_once(store, tmp_path, caplog):
     client = store.client
     run_id = _new_run(client).run_id
     closed = f"http://127.0.0.1:{free_port()}"
-    sp.configure_http(closed)  # as start_run does
+    reachability.configure_http(closed)  # as start_run does
     away = RunTracker(MlflowClient(tracking_uri=closed), run_id)
     job = tmp_path / "job"
-    tracker = sp.SpoolTracker(
+    tracker = SpoolTracker(
         away, job / "spool", uri=closed, flush_timeout_s=1.0, heartbeat_s=0.2, poll_s=0.1
     )
     logged = _log_some(tracker, tmp_path)  # returns with nothing uploaded: the job goes on
@@ -214,7 +217,9 @@ def test_spool_left_behind_is_synced_once(store, tmp_path, caplog):
 
 def test_unreachable_server_at_start_is_a_one_line_error_from_the_health_probe(store):
     closed = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(sp.StoreUnreachable) as err:  # from the health probe, no retry storm
+    with pytest.raises(
+        reachability.StoreUnreachable
+    ) as err:  # from the health probe, no retry storm
         run_overrides(
             ["data=tensors", "eval=[]", f"mlflow.tracking_uri={closed}", "output.progress=none"],
             output_dir=store.dir / "job",
@@ -227,16 +232,16 @@ def test_unreachable_server_at_start_is_a_one_line_error_from_the_health_probe(s
 
 def test_a_refused_record_fails_the_run_with_the_reason(store, tmp_path):
     client = store.client
-    tracker = sp.SpoolTracker(_new_run(client), tmp_path / "spool", uri=store.uri, poll_s=0.05)
+    tracker = SpoolTracker(_new_run(client), tmp_path / "spool", uri=store.uri, poll_s=0.05)
     tracker.log_params({"lr": 0.1})
     tracker.log_params({"lr": 0.2})  # MLflow refuses to change a param
     tracker.flush()
     deadline = time.monotonic() + 10
-    with pytest.raises(sp.StoreRejected, match="Changing param values is not allowed"):
+    with pytest.raises(reachability.StoreRejected, match="Changing param values is not allowed"):
         while time.monotonic() < deadline:
             tracker.log_metrics({"m": 1.0}, step=0)
             time.sleep(0.05)
-    tracker.fail(sp.StoreRejected("refused"), "FAILED")
+    tracker.fail(reachability.StoreRejected("refused"), "FAILED")
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.params == {"lr": "0.1"}
     assert run.data.metrics["m"] == 1.0
@@ -249,21 +254,21 @@ def test_a_run_taken_for_dead_while_its_store_was_away_is_not(store, tmp_path):
     client = store.client
     up = _new_run(client)
     exp = client.get_run(up.run_id).info.experiment_id
-    client.set_tag(up.run_id, sp.HEARTBEAT_TAG, str(int(time.time()) - 100))
-    assert sp.reap_dead_runs(client, exp, stale_s=10) == [up.run_id]
+    client.set_tag(up.run_id, heartbeat.HEARTBEAT_TAG, str(int(time.time()) - 100))
+    assert heartbeat.reap_dead_runs(client, exp, stale_s=10) == [up.run_id]
     run = client.get_run(up.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["sparsify.failure"].startswith("process died (last heartbeat ")
 
-    sp.Uploader(sp.Spool(tmp_path), up).revive()
+    Uploader(sp.Spool(tmp_path), up).revive()
     run = client.get_run(up.run_id)
     assert run.info.status == "RUNNING" and "sparsify.failure" not in run.data.tags
 
-    assert sp.reap_dead_runs(client, exp, stale_s=10) == [up.run_id]
+    assert heartbeat.reap_dead_runs(client, exp, stale_s=10) == [up.run_id]
     spool = sp.Spool.create(tmp_path / "spool", up.run_id, tracking_uri=store.uri)
     end = {"seq": 1, "ts": int(time.time() * 1000), "kind": "end", "status": "FINISHED"}
     spool.append(json.dumps(end).encode() + b"\n")
-    uploader = sp.Uploader(spool, up)
+    uploader = Uploader(spool, up)
     assert uploader.step() == 1 and uploader.ended["status"] == "FINISHED"
     run = client.get_run(up.run_id)
     assert run.info.status == "FINISHED" and "sparsify.failure" not in run.data.tags
@@ -287,7 +292,7 @@ class KillServerAtStart(Evaluator):
         _SERVER.kill()
         db = MlflowClient(tracking_uri=f"sqlite:///{_SERVER.db}")
         exp = db.get_experiment_by_name("sparsify_exp").experiment_id
-        assert len(sp.reap_dead_runs(db, exp, stale_s=1, now=time.time() + 60)) == 1
+        assert len(heartbeat.reap_dead_runs(db, exp, stale_s=1, now=time.time() + 60)) == 1
         threading.Thread(target=_SERVER.start, daemon=True).start()
         return {}
 
@@ -429,7 +434,7 @@ def test_killed_run_is_marked_failed_at_the_next_start(store, cli, caplog):
         while time.monotonic() < deadline and proc.poll() is None and len(beats) < 3:
             runs = store.runs()
             if runs:
-                beats.add(client.get_run(runs[0].info.run_id).data.tags[sp.HEARTBEAT_TAG])
+                beats.add(client.get_run(runs[0].info.run_id).data.tags[heartbeat.HEARTBEAT_TAG])
             time.sleep(0.2)
         assert len(beats) >= 3, proc.stderr.read() if proc.poll() is not None else beats
         proc.kill()  # SIGKILL: no handler, no finally
@@ -443,7 +448,7 @@ def test_killed_run_is_marked_failed_at_the_next_start(store, cli, caplog):
     no_beat = client.create_run(exp_id, run_name="other tool").info.run_id
     time.sleep(3.5)  # older than the stale bound below
     fresh = client.create_run(  # its heartbeat is younger than the bound at the next start
-        exp_id, run_name="alive", tags={sp.HEARTBEAT_TAG: str(int(time.time()) + 1)}
+        exp_id, run_name="alive", tags={heartbeat.HEARTBEAT_TAG: str(int(time.time()) + 1)}
     ).info.run_id
 
     new = run_overrides(
@@ -492,12 +497,12 @@ def test_a_sweep_job_waits_out_an_outage_at_its_start_and_a_single_run_does_not(
     uri = f"http://127.0.0.1:{port}"
     with (
         caplog.at_level("WARNING", logger="sparsify_exp.runner"),
-        pytest.raises(sp.StoreUnreachable),
+        pytest.raises(reachability.StoreUnreachable),
     ):
-        sp.wait_reachable(uri, wait_s=1.5, timeout_s=0.5)
+        reachability.wait_reachable(uri, wait_s=1.5, timeout_s=0.5)
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and said[0].endswith("; waiting up to 1.5 s for it"), said
-    error = pickle.loads(pickle.dumps(sp.StoreUnreachable(uri, "refused")))
+    error = pickle.loads(pickle.dumps(reachability.StoreUnreachable(uri, "refused")))
     assert str(error) == f"tracking server {uri} unreachable: refused"  # crosses processes
 
     server = socket.socket()  # a listener that answers once it is up, 1 s from now
@@ -515,7 +520,7 @@ def test_a_sweep_job_waits_out_an_outage_at_its_start_and_a_single_run_does_not(
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        sp.wait_reachable(uri, wait_s=30, timeout_s=2)  # returns once the server answers
+        reachability.wait_reachable(uri, wait_s=30, timeout_s=2)  # returns once the server answers
     finally:
         thread.join(timeout=5)
         server.close()

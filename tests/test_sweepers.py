@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sparsify_exp.runner import compose_config
 from sparsify_exp.runner.config import validate
-from sparsify_exp.runner.sweep import MAX_SAMPLED_JOBS, expand_jobs
-from sparsify_exp.runner.tracking import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.sweep.callback import MAX_SAMPLED_JOBS, expand_jobs
+from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 OPTUNA = ["hydra/sweeper=optuna"]
 

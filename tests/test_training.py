@@ -10,7 +10,7 @@ from torch import nn
 from sparsify_exp import DataNormSparsifier, load_masks
 from sparsify_exp.runner import compose_config, run_overrides
 from sparsify_exp.runner.config import validate
-from sparsify_exp.runner.training import MaskedForward, remask
+from sparsify_exp.runner.train.loop import MaskedForward, remask
 
 
 def _model_and_sparsifier(level: float = 0.5):

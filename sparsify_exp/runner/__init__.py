@@ -8,6 +8,6 @@ One module a job: :mod:`~.cli` (entry points), :mod:`~.config` (validation), :mo
 
 from sparsify_exp.runner.cli import compose_config, main, run_overrides
 from sparsify_exp.runner.job import run
-from sparsify_exp.runner.sweep import SweepCallback
+from sparsify_exp.runner.sweep.callback import SweepCallback
 
 __all__ = ["SweepCallback", "compose_config", "main", "run", "run_overrides"]

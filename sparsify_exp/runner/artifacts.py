@@ -137,7 +137,7 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    from sparsify_exp.runner import tracking as tr
+    from sparsify_exp.runner.tracking import store as tr
 
     out.mkdir(parents=True, exist_ok=True)
     cmap = colormaps["viridis_r"].with_extremes(bad="white")

@@ -35,7 +35,7 @@ class Built:
     nonfinite: dict[str, int]
     """NaN / inf entries of each added name that has any."""
     train_fn: Any = None
-    """The ``train.fn`` callable (see :mod:`~sparsify_exp.runner.training`), or None."""
+    """The ``train.fn`` callable (see :mod:`~sparsify_exp.runner.train.loop`), or None."""
 
 
 def per_name_config(name: str, rules: list[Mapping]) -> tuple[bool, dict]:

@@ -598,8 +598,8 @@ def _check_schedule_length(problems: _Problems, sched: Mapping, node: Mapping) -
 
 def _check_resume(problems: _Problems, cfg: DictConfig, c: Mapping[str, Any]) -> None:
     """``resume=``: a stopped run with a checkpoint, and overrides that agree with its config."""
-    from sparsify_exp.runner import resume
-    from sparsify_exp.runner.tracking import resolve_tracking_uri
+    from sparsify_exp.runner.tracking.store import resolve_tracking_uri
+    from sparsify_exp.runner.train import resume
 
     hydra = cfg.get("hydra") if "hydra" in cfg else None
     overrides = list(OmegaConf.select(hydra, "overrides.task", default=[]) or []) if hydra else []

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sparsify_exp.runner import tracking as tr
+from sparsify_exp.runner.tracking import store as tr
 
 log = logging.getLogger("sparsify_exp.runner")
 

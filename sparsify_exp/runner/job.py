@@ -25,19 +25,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.masks import save_masks
-from sparsify_exp.runner import checkpoint, resume, spool
-from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes, validate
 from sparsify_exp.runner.context import JobInfo, job_info
-from sparsify_exp.runner.dashboard import run_page
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
-from sparsify_exp.runner.summary import Summarizer, SummarizingTracker
-from sparsify_exp.runner.sync import sync
-from sparsify_exp.runner.training import MaskedForward, TrainContext, remask
+from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
+from sparsify_exp.runner.sweep.views import run_page
+from sparsify_exp.runner.tracking import heartbeat, reachability
+from sparsify_exp.runner.tracking import store as tr
+from sparsify_exp.runner.tracking.spool import SPOOL_DIR
+from sparsify_exp.runner.tracking.sync import sync
+from sparsify_exp.runner.tracking.tracker import SpoolTracker
+from sparsify_exp.runner.train import checkpoint, resume
+from sparsify_exp.runner.train.loop import MaskedForward, TrainContext, remask
 from sparsify_exp.sparsifier.row import RowSparsifier, compact_rows
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -87,14 +90,12 @@ def run(cfg: DictConfig) -> str:
     return tracker.run_id
 
 
-def start_run(
-    c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = None
-) -> spool.SpoolTracker:
+def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = None) -> SpoolTracker:
     """Creates the job's MLflow run (a child of its sweep's parent run, when in one), after
     marking FAILED the runs of the experiment whose heartbeat stopped; returns its tracker,
-    which logs through a spool in the job folder (:mod:`~sparsify_exp.runner.spool`).
+    which logs through a spool in the job folder (:mod:`~sparsify_exp.runner.tracking.spool`).
 
-    Raises :class:`~sparsify_exp.runner.spool.StoreUnreachable` ("tracking server <uri>
+    Raises :class:`~.tracking.reachability.StoreUnreachable` ("tracking server <uri>
     unreachable: ...") within seconds when an HTTP store does not answer.
     """
     from mlflow.tracking import MlflowClient
@@ -102,18 +103,18 @@ def start_run(
     m = c["mlflow"]
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
     heartbeat_s = float(m.get("heartbeat_s") or 30)
-    spool.configure_http(uri, float(m.get("request_timeout_s") or 10))
+    reachability.configure_http(uri, float(m.get("request_timeout_s") or 10))
     timeout_s = min(5.0, float(m.get("request_timeout_s") or 10))
     if job.multirun:  # the sweep goes on: its next job waits out an outage
-        spool.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
+        reachability.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
     else:  # a single run says so at once
-        spool.check_reachable(uri, timeout_s)
+        reachability.check_reachable(uri, timeout_s)
     client = MlflowClient(tracking_uri=uri)
-    with spool.unreachable_as_error(uri):
+    with reachability.unreachable_as_error(uri):
         exp_id = tr.ensure_experiment(client, m["experiment"])
         try:
             stale_s = float(m.get("heartbeat_stale_s") or 10 * heartbeat_s)
-            spool.reap_dead_runs(client, exp_id, stale_s)
+            heartbeat.reap_dead_runs(client, exp_id, stale_s)
         except Exception as e:  # never stops a job: the next start tries again
             log.warning("could not check for runs whose process died: %s", e)
         parent = None
@@ -136,9 +137,9 @@ def start_run(
         "mlflow.source.type": "LOCAL",
         **tr.git_info(Path(__file__).resolve().parent),
         **{str(k): str(v) for k, v in (m.get("tags") or {}).items()},
-        spool.HEARTBEAT_TAG: str(int(time.time())),
+        heartbeat.HEARTBEAT_TAG: str(int(time.time())),
     }
-    with spool.unreachable_as_error(uri):
+    with reachability.unreachable_as_error(uri):
         if resume_run_id is None:
             upstream = tr.RunTracker.start(
                 client, exp_id, m["run_name"] or default_name or None, tags, parent_run_id=parent
@@ -149,11 +150,11 @@ def start_run(
             for key in (tr.FAILURE_TAG, "mlflow.note.content"):
                 with contextlib.suppress(Exception):
                     client.delete_tag(resume_run_id, key)
-            upstream.set_tags({spool.HEARTBEAT_TAG: str(int(time.time()))})
+            upstream.set_tags({heartbeat.HEARTBEAT_TAG: str(int(time.time()))})
     resume.write_run_file(job.output_dir, upstream.run_id, uri)
-    tracker = spool.SpoolTracker(
+    tracker = SpoolTracker(
         upstream,
-        job.output_dir / spool.SPOOL_DIR,
+        job.output_dir / SPOOL_DIR,
         uri=uri,
         experiment_id=exp_id,
         flush_timeout_s=float(m.get("flush_timeout_s", 60)),

@@ -79,7 +79,7 @@ class StepMetrics:
         schedule_param: str | None = None,
         track_churn: bool = False,
     ) -> None:
-        from sparsify_exp.runner.tracking import metric_key
+        from sparsify_exp.runner.tracking.store import metric_key
 
         self.names = list(names)
         self.numels = dict(numels)

@@ -73,7 +73,7 @@ def describe(pick: Pick, keys: Sequence[str]) -> str:
     """``level=0.5 (sparsity 50%, fidelity_rel_error 0.31, 2.6 MB, 0.24x dense)``, or why
     nothing was picked."""
     from sparsify_exp.runner.progress import percent
-    from sparsify_exp.runner.summary import COMPRESSED_MB, COMPRESSED_TO_DENSE, SPARSITY
+    from sparsify_exp.runner.sweep.summary import COMPRESSED_MB, COMPRESSED_TO_DENSE, SPARSITY
 
     if pick.run is None:
         if pick.candidates == 0:

@@ -27,9 +27,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.progress import human_bytes
-from sparsify_exp.runner.tracking import COMPRESSED_BYTES_KEY, DENSE_BYTES_KEY, SPARSITY_KEY
+from sparsify_exp.runner.tracking import store as tr
+from sparsify_exp.runner.tracking.store import COMPRESSED_BYTES_KEY, DENSE_BYTES_KEY, SPARSITY_KEY
 
 __all__ = ["SweepReport", "build_sweep_report", "main", "write_sweep_report"]
 

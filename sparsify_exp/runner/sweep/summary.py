@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sparsify_exp.runner.tracking import metric_key
+from sparsify_exp.runner.tracking.store import metric_key
 
 PREFIX = "_summary"
 SPARSITY = f"{PREFIX}/sparsity"

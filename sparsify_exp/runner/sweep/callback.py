@@ -2,8 +2,8 @@
 the parent run created once (before launcher workers could race to), closed with a report.
 
 Wired into Hydra by ``conf/config.yaml`` (``hydra.callbacks``); each job finds its parent
-through :data:`sparsify_exp.runner.tracking.PARENT_ENV`, or by the sweep folder tag when it runs
-on another machine. Works with any sweeper: Hydra's basic sweeper has its jobs expanded and
+through :data:`~sparsify_exp.runner.tracking.store.PARENT_ENV`, or by the sweep folder tag
+when it runs on another machine. Works with any sweeper: Hydra's basic sweeper has its jobs expanded and
 validated up front; a sweeper that picks its own values (``hydra/sweeper=optuna``, ...) has a
 sample of the jobs it could launch validated up front (each choice, a range's first and last
 values, an interval's ends) and each trial validated when it starts. :func:`objective` is what
@@ -36,11 +36,11 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sparsify_exp.runner import tracking as tr
 from sparsify_exp.runner.config import ConfigError, format_value, validate
 from sparsify_exp.runner.context import absolute_under
-from sparsify_exp.runner.dashboard import run_page
 from sparsify_exp.runner.signals import is_stop
+from sparsify_exp.runner.sweep.views import run_page
+from sparsify_exp.runner.tracking import store as tr
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -145,7 +145,7 @@ class SweepCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from sparsify_exp.runner.spool import StoreUnreachable
+        from sparsify_exp.runner.tracking.reachability import StoreUnreachable
 
         jobs, complete = _validate_sweep(config)  # SystemExit(2) on a config mistake
         _check_launcher(config)
@@ -233,12 +233,12 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     global _ACTIVE_SWEEP
     from mlflow.tracking import MlflowClient
 
-    from sparsify_exp.runner import spool
+    from sparsify_exp.runner.tracking import reachability
 
     launch = Path(config.hydra.runtime.cwd)
     uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
-    spool.configure_http(uri, float(config.mlflow.request_timeout_s))
-    spool.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
+    reachability.configure_http(uri, float(config.mlflow.request_timeout_s))
+    reachability.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
     client = MlflowClient(tracking_uri=uri)
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
     sweep_dir = str(absolute_under(launch, config.hydra.sweep.dir))
@@ -360,8 +360,8 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from sparsify_exp.runner.report import ARTIFACT_DIR as REPORT_DIR
-    from sparsify_exp.runner.report import write_sweep_report
+    from sparsify_exp.runner.sweep.report import ARTIFACT_DIR as REPORT_DIR
+    from sparsify_exp.runner.sweep.report import write_sweep_report
 
     os.environ.pop(tr.SWEPT_ENV, None)
     if sweep.prev_env is None:
@@ -422,9 +422,9 @@ def _log_pick(client: Any, sweep: _Sweep, children: list[Any]) -> str:
     in words."""
     from mlflow.entities import Metric
 
-    from sparsify_exp.runner.dashboard import column, save_sweep_view, view_fragment
-    from sparsify_exp.runner.pick import describe, pick_child
-    from sparsify_exp.runner.summary import is_summary
+    from sparsify_exp.runner.sweep.pick import describe, pick_child
+    from sparsify_exp.runner.sweep.summary import is_summary
+    from sparsify_exp.runner.sweep.views import column, save_sweep_view, view_fragment
 
     pick = pick_child(children, sweep.pick)
     rule = pick.rule

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sparsify_exp.runner import checkpoint
+from sparsify_exp.runner.train import checkpoint
 
 RUN_FILE = "mlflow_run.json"
 """Written in the job folder when its run starts: the run id and the tracking URI."""

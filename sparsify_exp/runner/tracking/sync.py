@@ -1,7 +1,7 @@
 """``python -m sparsify_exp.sync <job dir>``: uploads what a job left in its spool.
 
 A job whose tracking store was still away when it ended keeps its records in
-``<job dir>/spool/<run id>/`` (:mod:`sparsify_exp.runner.spool`). This uploads them, in
+``<job dir>/spool/<run id>/`` (:mod:`sparsify_exp.runner.tracking.spool`). This uploads them, in
 order, from the last acknowledged record: running it twice, or after an uploader that died
 mid-batch, adds nothing twice. A sweep folder uploads the spools of all its jobs. A spool
 without its end record (the job's process died) ends its run FAILED ("process died").
@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from sparsify_exp.runner import spool as sp
-from sparsify_exp.runner import tracking as tr
+from sparsify_exp.runner.tracking import heartbeat, reachability
+from sparsify_exp.runner.tracking import spool as sp
+from sparsify_exp.runner.tracking import store as tr
+from sparsify_exp.runner.tracking.uploader import Uploader
 
 __all__ = ["main", "sync"]
 
@@ -49,21 +51,21 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
         info = spool.info()
         uri = uri or info["tracking_uri"]
         run_id = info["run_id"]
-        sp.configure_http(uri)
+        reachability.configure_http(uri)
         upstream = tr.RunTracker(MlflowClient(tracking_uri=uri), run_id)
-        uploader = sp.Uploader(spool, upstream)
+        uploader = Uploader(spool, upstream)
         deadline = time.monotonic() + timeout_s
         backoff = 0.5
         while True:
             try:
-                sp.check_reachable(uri)
+                reachability.check_reachable(uri)
                 while uploader.step():
                     pass
                 died = None if uploader.ended else _end_dead_run(uploader)
                 break
-            except (sp._Transient, sp.StoreUnreachable) as e:
+            except (reachability.Transient, reachability.StoreUnreachable) as e:
                 if time.monotonic() >= deadline:
-                    reason = e.reason if isinstance(e, sp.StoreUnreachable) else str(e)
+                    reason = e.reason if isinstance(e, reachability.StoreUnreachable) else str(e)
                     out(
                         f"tracking store {uri} unreachable: {reason}; {spool.pending()} "
                         f"record(s) of run {run_id} left in {spool.path}"
@@ -71,7 +73,7 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
                     spool.unlock()
                     return 1
                 time.sleep(backoff)
-                backoff = min(backoff * 2, sp.MAX_BACKOFF_S)
+                backoff = min(backoff * 2, reachability.MAX_BACKOFF_S)
     except BaseException:
         spool.unlock()
         raise
@@ -92,7 +94,7 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
     return 0
 
 
-def _end_dead_run(uploader: sp.Uploader) -> str | None:
+def _end_dead_run(uploader: Uploader) -> str | None:
     """The job died before ending its run: FAILED, unless something already ended it."""
     client, run_id = uploader.upstream.client, uploader.run_id
     try:
@@ -101,12 +103,12 @@ def _end_dead_run(uploader: sp.Uploader) -> str | None:
             return None
         last = uploader.last_record or {}
         ts = last.get("ts") or int(time.time() * 1000)
-        reason = f"{sp.PROCESS_DIED} (last spooled record {sp.iso_time(ts / 1000)})"
-        uploader.upstream.set_tags(sp._failure_tags("FAILED", reason))
+        reason = f"{heartbeat.PROCESS_DIED} (last spooled record {sp.iso_time(ts / 1000)})"
+        uploader.upstream.set_tags(heartbeat.failure_tags("FAILED", reason))
         client.set_terminated(run_id, "FAILED", end_time=int(ts))
     except Exception as e:
-        if sp.is_transient(e):
-            raise sp._Transient(e) from e
+        if reachability.is_transient(e):
+            raise reachability.Transient(e) from e
         raise
     return reason
 

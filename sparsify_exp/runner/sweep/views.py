@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-from sparsify_exp.runner.summary import SPARSITY
+from sparsify_exp.runner.sweep.summary import SPARSITY
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 CLASSIC_VIEW = "workflowType=machine_learning"
