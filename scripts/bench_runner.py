@@ -44,7 +44,7 @@ def bench_card(repeat: int) -> None:
             py,
             "-c",
             "import torch, mlflow; from sparsify_exp.runner import compose_config; "
-            "from sparsify_exp.runner.config import validate; "
+            "from sparsify_exp.runner.validate import validate; "
             f"validate(compose_config({CARD!r}))",
         ],
         "card": [py, "-m", "sparsify_exp", *CARD],

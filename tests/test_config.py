@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from sparsify_exp.runner import compose_config
-from sparsify_exp.runner.config import validate
+from sparsify_exp.runner.validate import validate
 
 CONF = Path(__file__).resolve().parents[1] / "sparsify_exp" / "conf"
 GROUPS = ["data", "sparsifier", "schedule", "per_name", "eval"]

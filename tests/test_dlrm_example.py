@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from sparsify_exp.runner import compose_config, run_overrides
-from sparsify_exp.runner.config import validate
 from sparsify_exp.runner.examples.dlrm import DLRM, auc, load_data, roc_auc
+from sparsify_exp.runner.validate import validate
 
 # At 0.9 the kept 10% of each table still holds the frequent ids that carry the signal (AUC
 # stays at the dense value, or just above: the tail's noise goes too); 0.99 cuts into them.

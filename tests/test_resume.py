@@ -11,7 +11,7 @@ import torch
 
 from sparsify_exp import load_masks
 from sparsify_exp.runner import compose_config, run_overrides
-from sparsify_exp.runner.config import validate
+from sparsify_exp.runner.validate import validate
 
 TRAINING = [
     "data=digits_mlp",

@@ -191,7 +191,7 @@ def test_data_sharded_with_a_sparsifier_that_steps_shards_alone_is_a_config_line
     from safetensors.torch import save_file
 
     from sparsify_exp.runner import compose_config
-    from sparsify_exp.runner.config import validate
+    from sparsify_exp.runner.validate import validate
 
     path = tmp_path / "model.safetensors"
     save_file(_file_tables(), str(path))

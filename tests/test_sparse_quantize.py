@@ -227,7 +227,7 @@ def test_runner_logs_the_sparse_quantized_size(store, tmp_path):
 
 def test_runner_quantize_needs_embedding_tables(store, tmp_path):
     from sparsify_exp.runner import compose_config, run_overrides
-    from sparsify_exp.runner.config import validate
+    from sparsify_exp.runner.validate import validate
 
     # a source that never has tables: a config error, before any run
     (problem,) = validate(compose_config(["data=tensors", "output.quantize=true"]))

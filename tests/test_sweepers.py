@@ -9,9 +9,9 @@ import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sparsify_exp.runner import compose_config
-from sparsify_exp.runner.config import validate
 from sparsify_exp.runner.sweep.callback import MAX_SAMPLED_JOBS, expand_jobs
 from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
+from sparsify_exp.runner.validate import validate
 
 OPTUNA = ["hydra/sweeper=optuna"]
 

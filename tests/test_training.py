@@ -9,8 +9,8 @@ from torch import nn
 
 from sparsify_exp import DataNormSparsifier, load_masks
 from sparsify_exp.runner import compose_config, run_overrides
-from sparsify_exp.runner.config import validate
 from sparsify_exp.runner.train.loop import MaskedForward, remask
+from sparsify_exp.runner.validate import validate
 
 
 def _model_and_sparsifier(level: float = 0.5):

@@ -16,13 +16,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, read_write
 
 from sparsify_exp.runner import distributed
-from sparsify_exp.runner.config import ConfigError, normalize_overrides, validate
+from sparsify_exp.runner.config import ConfigError, normalize_overrides
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
 from sparsify_exp.runner.launchers import launcher_in_args, missing_launcher
 from sparsify_exp.runner.signals import exit_code, is_stop, sigterm_raises, stop_reason
 from sparsify_exp.runner.sweep.callback import finish_sweep, objective
 from sparsify_exp.runner.tracking.store import failure_reason
+from sparsify_exp.runner.validate import validate
 
 log = logging.getLogger("sparsify_exp.runner")
 

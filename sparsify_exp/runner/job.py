@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparsify_exp.masks import save_masks
 from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
 from sparsify_exp.runner.build import Built, build
-from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes, validate
+from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
 from sparsify_exp.runner.context import JobInfo, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
@@ -41,6 +41,7 @@ from sparsify_exp.runner.tracking.sync import sync
 from sparsify_exp.runner.tracking.tracker import SpoolTracker
 from sparsify_exp.runner.train import checkpoint, resume
 from sparsify_exp.runner.train.loop import MaskedForward, TrainContext, remask
+from sparsify_exp.runner.validate import validate
 from sparsify_exp.sparsifier.row import RowSparsifier, compact_rows
 
 log = logging.getLogger("sparsify_exp.runner")

@@ -1,21 +1,20 @@
-"""A multirun's parent MLflow run: every job validated before any starts, the experiment and
-the parent run created once (before launcher workers could race to), closed with a report.
+"""A multirun's parent MLflow run: every job validated before any starts, the experiment and the
+parent run created once (before launcher workers could race to), closed with a report.
 
 Wired into Hydra by ``conf/config.yaml`` (``hydra.callbacks``); each job finds its parent
-through :data:`~sparsify_exp.runner.tracking.store.PARENT_ENV`, or by the sweep folder tag
-when it runs on another machine. Works with any sweeper: Hydra's basic sweeper has its jobs expanded and
-validated up front; a sweeper that picks its own values (``hydra/sweeper=optuna``, ...) has a
-sample of the jobs it could launch validated up front (each choice, a range's first and last
-values, an interval's ends) and each trial validated when it starts. :func:`objective` is what
-a job returns to a sweeper that optimizes; the sweeper's ``optimization_results.yaml``, when it
+through :data:`~sparsify_exp.runner.tracking.store.PARENT_ENV`, or by the sweep folder tag when
+it runs on another machine. Works with any sweeper: Hydra's basic sweeper has its jobs expanded
+and validated up front; a sweeper that picks its own values (``hydra/sweeper=optuna``, ...) has
+a sample of the jobs it could launch validated up front (each choice, a range's first and last
+values, an interval's ends) and each trial validated when it starts. :func:`objective` is what a
+job returns to a sweeper that optimizes; the sweeper's ``optimization_results.yaml``, when it
 writes one, goes to the parent run's ``report/`` with the sweep report.
 
 An optuna search (hydra-optuna-sweeper; ``+`` adds keys to the empty ``objective.max``)::
 
-    python -m sparsify_exp -m hydra/sweeper=optuna hydra.sweeper.n_trials=20 \
-        hydra.sweeper.direction=maximize 'sparsifier.sparsity_level=interval(0.05,0.99)' \
-        '+objective.max={fidelity/rel_error: 0.5}'
-"""
+python -m sparsify_exp -m hydra/sweeper=optuna hydra.sweeper.n_trials=20 \
+hydra.sweeper.direction=maximize 'sparsifier.sparsity_level=interval(0.05,0.99)' \
+'+objective.max={fidelity/rel_error: 0.5}'"""
 
 from __future__ import annotations
 
@@ -36,11 +35,12 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sparsify_exp.runner.config import ConfigError, format_value, validate
+from sparsify_exp.runner.config import ConfigError, format_value
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.signals import is_stop
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import store as tr
+from sparsify_exp.runner.validate import validate
 
 log = logging.getLogger("sparsify_exp.runner")
 
