@@ -99,7 +99,6 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
     Raises :class:`~.tracking.reachability.StoreUnreachable` ("tracking server <uri>
     unreachable: ...") within seconds when an HTTP store does not answer.
     """
-    from mlflow.tracking import MlflowClient
 
     m = c["mlflow"]
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
@@ -110,7 +109,7 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
         reachability.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
     else:  # a single run says so at once
         reachability.check_reachable(uri, timeout_s)
-    client = MlflowClient(tracking_uri=uri)
+    client = tr.open_client(uri)
     with reachability.unreachable_as_error(uri):
         exp_id = tr.ensure_experiment(client, m["experiment"])
         try:

@@ -42,7 +42,6 @@ def sync(
 
 
 def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
-    from mlflow.tracking import MlflowClient
 
     if not spool.lock():
         out(f"{spool.path}: a running job is uploading it; try again when it has ended")
@@ -52,7 +51,7 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
         uri = uri or info["tracking_uri"]
         run_id = info["run_id"]
         reachability.configure_http(uri)
-        upstream = tr.RunTracker(MlflowClient(tracking_uri=uri), run_id)
+        upstream = tr.RunTracker(tr.open_client(uri), run_id)
         uploader = Uploader(spool, upstream)
         deadline = time.monotonic() + timeout_s
         backoff = 0.5

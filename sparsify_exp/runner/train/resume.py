@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.train import checkpoint
 
 RUN_FILE = "mlflow_run.json"
@@ -43,10 +44,9 @@ def locate(target: str, uri: str) -> Resumed:
         run_id, uri = info["run_id"], info["tracking_uri"]
     else:
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         try:
-            run = MlflowClient(tracking_uri=uri).get_run(target)
+            run = tr.open_client(uri).get_run(target)
         except MlflowException:
             raise ValueError(f"no such run or job folder (store: {uri})") from None
         run_id = target
@@ -59,14 +59,13 @@ def locate(target: str, uri: str) -> Resumed:
 
 def problems(target: str, uri: str, overrides: list[str], composed: Mapping) -> list[str]:
     """Why ``resume=target`` cannot go on, one line each (empty when it can)."""
-    from mlflow.tracking import MlflowClient
 
     key = f"resume={target}"
     try:
         found = locate(target, uri)
     except ValueError as e:
         return [f"{key}: {e}"]
-    status = MlflowClient(tracking_uri=found.uri).get_run(found.run_id).info.status
+    status = tr.open_client(found.uri).get_run(found.run_id).info.status
     if status == "FINISHED":
         return [f"{key}: run {found.run_id} FINISHED; there is nothing to resume"]
     if checkpoint.load(found.job_dir) is None:
