@@ -6,13 +6,13 @@ training changes) and torch's RNG state. It loads with ``torch.load(weights_only
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsify_exp.atomic import atomic_save
 from sparsify_exp.sparsifier.mask_bits import pack_mask, unpack_mask
 
 FILE = "checkpoint.pt"
@@ -33,11 +33,7 @@ def save(
         else {n: sparsifier.get_data(n, return_original=True) for n in names},
         "rng": torch.get_rng_state(),
     }
-    path = job_dir / FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(state, job_dir / FILE)
 
 
 def load(job_dir: Path) -> dict[str, Any] | None:
