@@ -73,3 +73,35 @@ def test_a_killed_sweeps_parent_is_marked_failed_by_the_next_start(store, starte
     parent = store.client.get_run(parent.info.run_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["sparsify.failure"].startswith("process died (last heartbeat ")
+
+
+def test_resume_of_a_memory_mapped_run_restores_its_masks_without_writing_the_map(
+    store, tmp_path, cli
+):
+    """Restoring the checkpoint's data into the read-only mapping was a segfault (exit -11)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sparsify_exp import load_masks
+
+    source = tmp_path / "model.safetensors"
+    save_file({"a.w": torch.randn(64, 32), "b.w": torch.randn(40, 16)}, str(source))
+    before = source.read_bytes()
+    args = ["data=file", f"data.path={source}", "data.mmap=true", "sparsifier=magnitude"]
+    args += ["checkpoint.every=1", "schedule=linear", "schedule.steps=4", "eval=[]"]
+    job = tmp_path / "job"
+    run_id = run_overrides(args, output_dir=job)
+    final = job / "artifacts" / "masks" / "final.safetensors"
+    shutil.copy(final, tmp_path / "uninterrupted.safetensors")
+    final.unlink()
+    store.client.set_terminated(run_id, "FAILED")  # as if it had been killed at step 3
+    done = cli([f"resume={job}"], store.dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step 3 of 4" in done.stderr + done.stdout
+    a, b = load_masks(final), load_masks(tmp_path / "uninterrupted.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert source.read_bytes() == before  # the input was never written
+    state = torch.load(job / "checkpoint.pt", weights_only=True)
+    assert state["data"] is None  # the mapped data is not copied into checkpoints

@@ -328,12 +328,14 @@ def _execute(
     every = (c.get("eval") or {}).get(EVAL_EVERY)
     train_steps = int(c["train"]["steps_per_step"])
     checkpoint_every = int((c.get("checkpoint") or {}).get("every") or 0)
+    mapped = built.bundle.mapped  # a read-only memory map: never written, not checkpointed
     last: dict[str, float] = {}
     try:
         with MaskedForward(built.bundle.model if built.train_fn else None, sp):
             start = 0
             if state is not None:
-                start = checkpoint.restore(state, sp, built.scheduler, built.bundle.model) + 1
+                model = built.bundle.model
+                start = 1 + checkpoint.restore(state, sp, built.scheduler, model, bool(mapped))
                 measure.prime(sp)
                 log.info("resumed at step %d of %d from %s", start, steps, job.output_dir)
             for k in range(start, steps):
@@ -352,7 +354,8 @@ def _execute(
                     save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
                 if checkpoint_every and (k + 1) % checkpoint_every == 0 and k < steps - 1:
                     tracker.flush()  # the store has every step the checkpoint holds
-                    checkpoint.save(job.output_dir, k, sp, built.scheduler, built.bundle.model)
+                    model = built.bundle.model
+                    checkpoint.save(job.output_dir, k, sp, built.scheduler, model, bool(mapped))
                 progress.update(k, last)
     finally:
         progress.close()
@@ -369,7 +372,6 @@ def _execute(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
-    mapped = built.bundle.mapped  # memory-mapped data: packed masks, the data never written
     rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
