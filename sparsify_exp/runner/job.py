@@ -133,6 +133,7 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
     heartbeat_s = float(m.get("heartbeat_s") or 30)
     reachability.configure_http(uri, float(m.get("request_timeout_s") or 10))
+    reachability.quiet_store_loggers()  # an outage is said once, by the tracker
     timeout_s = min(5.0, float(m.get("request_timeout_s") or 10))
     if job.multirun:  # the sweep goes on: its next job waits out an outage
         reachability.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)

@@ -238,6 +238,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     launch = Path(config.hydra.runtime.cwd)
     uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
     reachability.configure_http(uri, float(config.mlflow.request_timeout_s))
+    reachability.quiet_store_loggers()
     reachability.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
     client = tr.open_client(uri)
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)

@@ -56,6 +56,7 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
         uri = uri or info["tracking_uri"]
         run_id = info["run_id"]
         reachability.configure_http(uri)
+        reachability.quiet_store_loggers()
         upstream = tr.RunTracker(tr.open_client(uri), run_id)
         uploader = Uploader(spool, upstream)
         deadline = time.monotonic() + timeout_s

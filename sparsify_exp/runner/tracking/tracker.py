@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify_exp.runner.tracking import store as tr
-from sparsify_exp.runner.tracking.heartbeat import HEARTBEAT_TAG
+from sparsify_exp.runner.tracking.heartbeat import HEARTBEAT_TAG, failure_tags
 from sparsify_exp.runner.tracking.reachability import (
     MAX_BACKOFF_S,
     Transient,
@@ -147,8 +147,12 @@ class SpoolTracker:
         with self._lock:
             if self._ending:
                 return
-            self._write({"kind": "end", "status": status, "reason": reason})
             self._ending = True
+            try:
+                self._write({"kind": "end", "status": status, "reason": reason})
+            except OSError as e:  # the spool cannot take it (a full disk): end it directly
+                self._end_directly(status, reason, e)
+                return
         self.spool.fsync()
         self._wake.set()
         started = time.monotonic()
@@ -176,6 +180,37 @@ class SpoolTracker:
             self.spool.unlock()
         else:
             self.spool.remove()
+
+    def _end_directly(self, status: str, reason: str | None, error: OSError) -> None:
+        """Ends the run in the store itself when its end cannot be spooled: a full job
+        folder must not leave it RUNNING. The records spooled before stay for ``sync``."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=max(self.poll_s, 1.0) * 5)
+        with contextlib.suppress(OSError):
+            self.spool.close()
+        why = f"{type(error).__name__}: {error}"
+        if status == "FINISHED":
+            status, reason = "FAILED", why
+        else:
+            reason = f"{reason} (then {why})" if reason and why not in reason else reason or why
+        try:
+            self.upstream.set_tags(failure_tags(status, reason))
+            self.upstream.client.set_terminated(self.run_id, status)
+        except Exception as e:
+            log.error("could not end run %s in the store: %s", self.run_id, short_reason(e))
+            return
+        finally:
+            self.spool.unlock()
+        log.error(
+            "run %s ended %s directly (its spool could not take it: %s); %d spooled record(s) "
+            "not uploaded yet: %s",
+            self.run_id,
+            status,
+            error,
+            self.spool.pending(),
+            sync_command(self.job_dir),
+        )
 
     def _give_up(self, why: str) -> None:
         """Stops the flusher and leaves the spool, with the command that uploads it later.

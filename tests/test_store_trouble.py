@@ -1,0 +1,70 @@
+"""A job folder that fills ends the run FAILED in MLflow even when the spool cannot take its
+end, with the path in the reason; an away store is said once, without MLflow's and urllib3's
+per-request tracebacks and retry lines."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+LONG = ["eval=[]", "schedule=linear", "schedule.steps=100000", "mlflow.mask_images=0"]
+LONG += ["data.tensors=[{name:w,shape:[32,32]}]", "mlflow.flush_timeout_s=3"]
+
+
+def _fill(folder) -> None:
+    """Writes zeros into ``folder`` until its file system has no byte left."""
+    import os
+
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+
+
+def _wait_for_run(store, proc, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no run"
+        runs = store.runs()
+        if runs and "sparsity/overall" in runs[0].data.metrics:
+            return runs[0]
+        time.sleep(0.1)
+
+
+def test_a_job_folder_that_fills_ends_the_run_failed_naming_the_path(store, started_cli, tmpfs):
+    disk = tmpfs("8m")
+    proc = started_cli([*LONG, f"hydra.run.dir={disk}/run"], store.dir)
+    run = _wait_for_run(store, proc)
+    _fill(disk)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    run = store.client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED"  # not left RUNNING
+    reason = run.data.tags["sparsify.failure"]
+    assert "No space left on device" in reason and str(disk) in reason
+    assert "\n" not in reason
+
+
+@pytest.mark.slow
+def test_an_away_server_is_said_once_without_client_noise(mlflow_server, store, started_cli):
+    proc = started_cli(
+        [*LONG, "schedule.steps=400", f"mlflow.tracking_uri={mlflow_server.uri}"], store.dir
+    )
+    deadline = time.monotonic() + 120
+    while not mlflow_server.client.search_runs(["0", "1"]) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    mlflow_server.kill()  # connections refused from now on
+    _, err = proc.communicate(timeout=300)
+    assert "Retrying" not in err and "Traceback" not in err, err[-3000:]
+    assert "SQLAlchemy" not in err
+    away = [line for line in err.splitlines() if "unreachable" in line]
+    assert 1 <= len(away) <= 2, away  # it went away; it was still away at the end
