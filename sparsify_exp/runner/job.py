@@ -40,6 +40,7 @@ from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.tracking.spool import SPOOL_DIR
 from sparsify_exp.runner.tracking.sync import sync
 from sparsify_exp.runner.tracking.tracker import SpoolTracker
+from sparsify_exp.runner.tracking.uploader import RunEndedElsewhere
 from sparsify_exp.runner.train import checkpoint, resume
 from sparsify_exp.runner.train.loop import MaskedForward, TrainContext, remask
 from sparsify_exp.runner.validate import validate
@@ -102,6 +103,9 @@ def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
                 _log_config(tracker, c, job, artifacts)
             built = build(cfg, c["per_name"].get("rules") or [], int(c["seed"]))
             _execute(built, c, job, tracker, artifacts, resumed is not None)
+    except RunEndedElsewhere as e:  # its sweep was stopped: nothing more goes into the run
+        tracker.fail(e, e.status)
+        raise
     except BaseException as e:
         status = "KILLED" if is_stop(e) else "FAILED"
         try:

@@ -23,9 +23,13 @@ from sparsify_exp.runner.tracking.reachability import (
     short_reason,
 )
 from sparsify_exp.runner.tracking.spool import Spool
-from sparsify_exp.runner.tracking.uploader import Uploader, sync_command
+from sparsify_exp.runner.tracking.uploader import RunEndedElsewhere, Uploader, sync_command
 
 log = logging.getLogger("sparsify_exp.runner")
+
+#: How often an idle flusher checks that no other process ended the run (seconds); it also
+#: checks before each upload round.
+CHECK_ENDED_S = 1.0
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -78,6 +82,8 @@ class SpoolTracker:
         self._crash: BaseException | None = None
         self._down_since: float | None = None
         self._warned = False
+        self._ended_elsewhere: RunEndedElsewhere | None = None
+        self._checked_at = 0.0
         self._thread = threading.Thread(
             target=self._loop, name=f"spool-{self.run_id[:8]}", daemon=True
         )
@@ -130,6 +136,8 @@ class SpoolTracker:
     # ---- internals
 
     def _append(self, record: dict[str, Any]) -> None:
+        if self._ended_elsewhere is not None and not self._ending:
+            raise self._ended_elsewhere  # the job stops: its run is over
         with self._lock:
             if self._ending:
                 raise RuntimeError(f"run {self.run_id} was ended; nothing more can be logged")
@@ -148,6 +156,9 @@ class SpoolTracker:
             if self._ending:
                 return
             self._ending = True
+            if self._ended_elsewhere is not None:  # not flipped back, not logged into
+                self._drop(self._ended_elsewhere)
+                return
             try:
                 self._write({"kind": "end", "status": status, "reason": reason})
             except OSError as e:  # the spool cannot take it (a full disk): end it directly
@@ -165,6 +176,9 @@ class SpoolTracker:
         except BaseException:  # Ctrl-C, a signal: stop waiting, the spool stays
             self._give_up("not waited for (interrupted)")
             raise
+        if self._ended_elsewhere is not None:
+            self._drop(self._ended_elsewhere)
+            return
         if not self._done.is_set() or self._crash is not None or not self._uploader.ended:
             if self._crash is not None:
                 why = f"upload failed ({type(self._crash).__name__}: {self._crash})"
@@ -180,6 +194,23 @@ class SpoolTracker:
             self.spool.unlock()
         else:
             self.spool.remove()
+
+    def _drop(self, ended: RunEndedElsewhere) -> None:
+        """The run was ended by another process: what this job spooled since is dropped, so
+        that neither this job nor a later ``sync`` logs into it or changes its status."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        pending = self.spool.pending()
+        self.spool.remove()
+        log.warning(
+            "run %s was ended %s by another process (%s): %d record(s) this job logged "
+            "since were dropped",
+            self.run_id,
+            ended.status,
+            ended.reason,
+            pending,
+        )
 
     def _end_directly(self, status: str, reason: str | None, error: OSError) -> None:
         """Ends the run in the store itself when its end cannot be spooled: a full job
@@ -252,6 +283,10 @@ class SpoolTracker:
             try:
                 if self._down_since is not None and not self._ending:
                     self._uploader.revive()  # before new records: it may have been reaped
+                now = time.monotonic()
+                if not self._ending and (up.behind() or now - self._checked_at >= CHECK_ENDED_S):
+                    self._checked_at = now  # before each upload: nothing goes into an ended run
+                    up.check_ended()
                 while up.behind() and not self._stop.is_set():
                     self.spool.fsync()
                     if not up.step(self._stop):
@@ -263,6 +298,10 @@ class SpoolTracker:
                 if up.ended is not None:
                     self._done.set()
                     return
+            except RunEndedElsewhere as e:
+                self._ended_elsewhere = e
+                self._done.set()
+                return
             except Transient as e:
                 self._away(e)
                 backoff = min(max(backoff * 2, 0.5), MAX_BACKOFF_S)
