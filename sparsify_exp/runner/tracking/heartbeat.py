@@ -40,7 +40,8 @@ def reap_dead_runs(
     """Marks FAILED the RUNNING runs of ``experiment_id`` whose ``sparsify.heartbeat`` tag is
     older than ``stale_s`` seconds (their process died without ending them); returns their ids.
 
-    Runs without the tag (a sweep's parent run, runs of other tools) are left alone.
+    Runs without the tag (runs of other tools) are left alone; a sweep's parent run has it
+    (:class:`Beater`).
     """
     from mlflow.entities import RunTag
 
