@@ -82,7 +82,9 @@ def test_children_are_named_by_what_the_sweep_varies(sweep):
         "level=0.9 block=1x1",
         "level=0.9 block=1x4",
     ]
-    assert parent.info.run_name == "sweep data_norm x embeddings: level 0.3,0.9, block [1,1],[1,4]"
+    assert parent.info.run_name == (
+        "sweep data_norm on embeddings: level 0.3,0.9 x block [1,1],[1,4]"
+    )
 
 
 def test_every_child_has_the_summary_keys_and_capped_per_name_keys(sweep):

@@ -35,9 +35,11 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sparsify_exp.runner import methods
 from sparsify_exp.runner.config import ConfigError, format_value
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.signals import is_stop
+from sparsify_exp.runner.sweep import naming
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.validate import validate
@@ -189,15 +191,26 @@ def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
     except Exception as e:  # Hydra reports bad override syntax itself, later
         log.debug("could not expand the sweep: %s", e)
         jobs, complete = [], False
-    problems: list[str] = []
+    conflict = methods.conflicting_choice(list(config.hydra.overrides.task))
+    problems: list[str] = [conflict] if conflict else []
+    lacking: dict[str, list[str]] = {}  # a key some jobs' method has no place for
+    having: dict[str, list[str]] = {}
     config_name = OmegaConf.select(config, "hydra.job.config_name", default=None) or "config"
-    for overrides in jobs:
+    for overrides in [] if conflict else jobs:
+        method = methods.method_of(overrides)
         try:
             job_cfg = compose(config_name=config_name, overrides=overrides)
         except Exception as e:
-            problems.append(f"{' '.join(overrides)}: {str(e).splitlines()[0]}")
+            key = methods.missing_key(e)
+            if key is not None:
+                lacking.setdefault(key, []).append(method)
+            else:
+                problems.append(f"{' '.join(overrides)}: {str(e).splitlines()[0]}")
             continue
+        for o in overrides:
+            having.setdefault(o.split("=", 1)[0].lstrip("+~"), []).append(method)
         problems.extend(validate(job_cfg))
+    problems = methods.missing_key_lines(lacking, having) + problems
     problems.extend(_sweeper_problems(config))
     if problems:
         sys.stderr.write(ConfigError(list(dict.fromkeys(problems))).report() + "\n")
@@ -246,14 +259,14 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     for key in TRIAL_BUDGET_KEYS:
         if n_jobs is None:
             n_jobs = OmegaConf.select(config, key, default=None)
-    choices = OmegaConf.to_container(config.hydra.runtime.choices)
+    choices: dict[str, Any] = OmegaConf.to_container(config.hydra.runtime.choices)  # type: ignore[assignment]
+    swept = dict(_swept(config))
     tags = {
         **{
             f"{tr.CHOICE_TAG_PREFIX}{k}": format_value(v)
-            for k, v in choices.items()  # type: ignore[union-attr]
-            if not k.startswith("hydra/") and k != "hydra"
+            for k, v in naming.choice_tags(choices, swept).items()
         },
-        "mlflow.runName": _sweep_name(config),
+        "mlflow.runName": naming.sweep_name(choices, swept),
         tr.OVERRIDES_TAG: overrides,
         "sparsify.jobs": str(n_jobs) if n_jobs is not None else "unknown",
         "sparsify.sweeper": str(
@@ -308,14 +321,6 @@ def _swept(config: DictConfig) -> list[tuple[str, str]]:
         for o in parsed
         if o.is_sweep_override()
     ]
-
-
-def _sweep_name(config: DictConfig) -> str:
-    """``sweep data_norm x embeddings: level 0.2,0.5,0.8``: the choices, then what varies."""
-    choices = config.hydra.runtime.choices
-    what = " x ".join(str(choices[g]) for g in ("sparsifier", "data") if g in choices)
-    varied = ", ".join(f"{tr.short_key(k)} {v}" for k, v in _swept(config))
-    return f"sweep {what}: {varied}" if varied else f"sweep {what}"
 
 
 def objective(cfg: DictConfig, run_id: str) -> float:
