@@ -444,6 +444,8 @@ def _log_pick(client: Any, sweep: _Sweep, children: list[Any]) -> str:
             sweep.run_id, metrics=[Metric(k, float(m[k]), now, 0) for k in keys if k in m]
         )
         tags |= {"sparsify.pick": pick.name, "sparsify.pick_run_id": pick.run.info.run_id}
+        if pick.at_edge:
+            tags["sparsify.pick_note"] = pick.at_edge
     answer = describe(pick, keys)
     parent = client.get_run(sweep.run_id)
     exp_id = parent.info.experiment_id

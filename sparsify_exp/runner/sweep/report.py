@@ -59,6 +59,7 @@ class SweepReport:
     pick: str = ""
     """The child the parent run picked (tag ``sparsify.pick``) and by which rule."""
     pick_rule: str = ""
+    pick_note: str = ""
 
 
 # ----------------------------------------------------------------------------- the table
@@ -181,7 +182,8 @@ def markdown(report: SweepReport) -> str:
         dense = ", ".join(f"`{k}` = {_cell(k, v)}" for k, v in baselines.items())
         lines.append(f"Dense baseline (every job): {dense}.")
     if report.pick:
-        lines.append(f"Picked: **{report.pick}** ({report.pick_rule}).")
+        note = f" Note: {report.pick_note}." if report.pick_note else ""
+        lines.append(f"Picked: **{report.pick}** ({report.pick_rule}).{note}")
     lines += ["", "| " + " | ".join(["run", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
     for _, row in t.iterrows():
         name = str(row["run_name"] or row["run_id"][:8]).replace("|", "\\|")
@@ -311,6 +313,7 @@ def build_sweep_report(
     report = build_table(children, parent_run_id, f"Sweep report: experiment {experiment}")
     report.pick = parent.data.tags.get("sparsify.pick", "")
     report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
+    report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
     plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}
