@@ -362,8 +362,8 @@ def _execute(
         sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
         sizes["size/dense_bytes"] = file_bytes
         log.info("sparsified data written to %s", path)
-    sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
-        sizes["size/compressed_bytes"], 1
+    sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
+        sizes["size/dense_bytes"], 1
     )
     sizes.update(rows)
     tracker.log_metrics(sizes, step=final)

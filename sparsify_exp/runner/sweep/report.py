@@ -38,7 +38,7 @@ DEFAULT_EVALUATORS = ("fidelity", "embedding_bag", "task")
 LEVEL_KEY_PATTERN = re.compile(
     r"(^|\.)(sparsity_level|level|target_sparsity)$|^schedule\.(.*\.)?(target|initial_value)$"
 )
-COMPRESSION_KEY = "size/compression"
+COMPRESSION_KEY = "size/compressed_to_dense"  # compressed / dense: lower is smaller
 SIZE_KEYS = (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY, COMPRESSION_KEY)
 ARTIFACT_DIR = "report"
 MAX_PANELS = 9
@@ -136,7 +136,7 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
             "overrides": shown,
             **{k: given[k].fillna("") for k in varied},
             **metric,
-            COMPRESSION_KEY: dense.where(dense != 0) / packed.where(packed != 0),
+            COMPRESSION_KEY: packed.where(packed != 0) / dense.where(dense != 0),
             "error": [(e.strip().splitlines() or [""])[0][:200] for e in errors],
         },
         index=children.index,
@@ -152,13 +152,14 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
 
 
 def _cell(column: str, value: object) -> str:
-    """Sizes in B/KiB/MiB/GiB, ratios as ``1.23x``, other numbers to 4 digits."""
+    """Sizes in decimal units (MB), the size ratio as ``0.531x`` (of dense), other numbers to
+    4 digits."""
     if pd.isna(value):
         return ""
     if column in (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY):
         return human_bytes(value, digits=2)
     if column == COMPRESSION_KEY:
-        return f"{value:.2f}x"
+        return f"{value:.3g}x"
     return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
@@ -281,7 +282,7 @@ def plot_size(report: SweepReport, path: Path) -> bool:
         return False
     timing = [k for k in report.quality_keys if "time" in k.split("/")[-1]][: MAX_PANELS - 1]
     rows = pd.concat(groups.values())
-    scale, unit = (2**20, "MiB") if rows[COMPRESSED_BYTES_KEY].max() > 2**20 else (1024, "KiB")
+    scale, unit = (1e6, "MB") if rows[COMPRESSED_BYTES_KEY].max() > 1e6 else (1e3, "kB")
     with _figure(path, "Size (and speed) against sparsity", 1 + len(timing)) as axes:
         _lines(axes[0], groups, COMPRESSED_BYTES_KEY, f"size on disk ({unit})", scale)
         axes[0].set_title("compressed size of the sparsified data", fontsize=10)
