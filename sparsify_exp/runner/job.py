@@ -32,7 +32,7 @@ from sparsify_exp.runner.context import JobInfo, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
-from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
+from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker, headline
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
 from sparsify_exp.runner.tracking import store as tr
@@ -86,8 +86,12 @@ def run(cfg: DictConfig) -> str:
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
-        exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
-        log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
+        ended = tracker.upstream.client.get_run(tracker.run_id)
+        if job.multirun:  # short: the sweep's own last line has the link
+            log.info("%s: %s", ended.info.run_name, headline(ended.data.metrics))
+        else:
+            page = run_page(tracker.uri, ended.info.experiment_id, tracker.run_id)
+            log.info("run %s: %s", tracker.run_id, page)
     return tracker.run_id
 
 
@@ -172,7 +176,9 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
 
 
 def _log_config(tracker: tr.RunTracker, c: Mapping[str, Any], job: JobInfo, artifacts: Path):
-    tracker.log_params(tr.flatten(c))
+    # a swept group (method=magnitude,nm_2_4) as a param too: the UI's charts axes are params
+    swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k in job.choices]
+    tracker.log_params({**tr.flatten(c), **{g: str(job.choices[g]) for g in swept}})
     cfg_dir = artifacts / "config"
     cfg_dir.mkdir(exist_ok=True)
     OmegaConf.save(c, cfg_dir / "config.yaml")

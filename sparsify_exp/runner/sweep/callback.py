@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,8 @@ from sparsify_exp.runner.config import ConfigError, format_value
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.signals import is_stop
 from sparsify_exp.runner.sweep import naming
-from sparsify_exp.runner.sweep.views import run_page
+from sparsify_exp.runner.sweep.answer import log_answer
+from sparsify_exp.runner.sweep.views import run_page, view_page
 from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.validate import validate
 
@@ -387,7 +387,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         failed = sum(r.info.status != "FINISHED" for r in children)
         client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(children) - failed))
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
-        answer = _log_pick(client, sweep, children)  # first: the report marks the pick
+        answer, view = log_answer(client, sweep.run_id, sweep.pick, sweep.swept, children)
         try:
             write_sweep_report(client, sweep.run_id)
         except Exception as e:
@@ -408,62 +408,20 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         else:
             client.set_terminated(sweep.run_id, "FINISHED")
         parent = client.get_run(sweep.run_id)
-        url = run_page(sweep.uri, parent.info.experiment_id, sweep.run_id)
+        exp_id = parent.info.experiment_id
+        url = (
+            view_page(sweep.uri, exp_id, view)
+            if view
+            else run_page(sweep.uri, exp_id, sweep.run_id)
+        )
         log.info(
-            "sweep %s: %d of %d jobs finished; picked %s; parent run: %s",
+            "sweep %s: %d of %d jobs finished; picked %s; %s: %s",
             parent.info.status,
             len(children) - failed,
             len(children),
             answer,
+            "the trade-off" if view else "parent run",
             url,
         )
     except Exception as e:
         log.warning("could not close sweep parent run %s: %s", sweep.run_id, e)
-
-
-def _log_pick(client: Any, sweep: _Sweep, children: list[Any]) -> str:
-    """Logs on the parent run the picked child's summary metrics, tags naming it and the rule,
-    a description with the answer and a link to the sweep's runs-table view; returns the pick
-    in words."""
-    from mlflow.entities import Metric
-
-    from sparsify_exp.runner.sweep.pick import describe, pick_child
-    from sparsify_exp.runner.sweep.summary import is_summary
-    from sparsify_exp.runner.sweep.views import column, save_sweep_view, view_fragment
-
-    pick = pick_child(children, sweep.pick)
-    rule = pick.rule
-    if pick.unused_bounds:
-        rule += f" (not logged, so not applied: {'; '.join(pick.unused_bounds)})"
-    tags = {"sparsify.pick_rule": rule}
-    keys = sorted({k for r in children for k in r.data.metrics if is_summary(k)})
-    if pick.run is not None:
-        m = pick.run.data.metrics
-        now = int(time.time() * 1000)
-        client.log_batch(
-            sweep.run_id, metrics=[Metric(k, float(m[k]), now, 0) for k in keys if k in m]
-        )
-        tags |= {"sparsify.pick": pick.name, "sparsify.pick_run_id": pick.run.info.run_id}
-        if pick.at_edge:
-            tags["sparsify.pick_note"] = pick.at_edge
-    answer = describe(pick, keys)
-    parent = client.get_run(sweep.run_id)
-    exp_id = parent.info.experiment_id
-    view = ""
-    try:
-        columns = [  # a swept group is a choice tag; a swept value, a param
-            column("params", k) if "." in k else column("tags", f"{tr.CHOICE_TAG_PREFIX}{k}")
-            for k in sweep.swept
-        ]
-        key = save_sweep_view(client, exp_id, sweep.run_id, parent.info.run_name, columns, keys)
-        view = f" Every child, summary columns: [runs table](#/{view_fragment(exp_id, key)})."
-    except Exception as e:  # the answer stands without the view
-        log.warning("could not save the sweep's runs-table view: %s", e)
-    tags["mlflow.note.content"] = (
-        f"**Pick: {answer}**\n\nRule: {rule} ({pick.eligible} of {pick.candidates} finished "
-        f"children meet it). The parent's `_summary/` metrics are the pick's.{view} "
-        "The sweep report: `report/sweep_report.md`."
-    )
-    for key_, value in tags.items():
-        client.set_tag(sweep.run_id, key_, value)
-    return answer

@@ -29,6 +29,8 @@ class Pick:
     candidates: int
     eligible: int
     unused_bounds: list[str] = field(default_factory=list)
+    bounds: dict[str, list[Any]] = field(default_factory=dict)
+    """The bounds applied: ``{metric: [">=" | "<=", bound]}``."""
     at_edge: str = ""
     """``the highest _summary/sparsity tried: extend the sweep`` when no finished child went
     further than the pick (empty otherwise)."""
@@ -85,26 +87,19 @@ def pick_child(children: Sequence[Any], spec: Mapping[str, Any]) -> Pick:
         if sign * best.data.metrics[metric] >= max(v for v in reached if math.isfinite(v)):
             what = f"{'highest' if mode == 'max' else 'lowest'} {metric.rsplit('/', 1)[-1]}"
             edge = f"the {what} tried: extend the sweep"
-    return Pick(best, rule, len(finished), len(eligible), unused, edge)
+    applied = {k: [op, v] for k, op, v in used}
+    return Pick(best, rule, len(finished), len(eligible), unused, applied, edge)
 
 
 def describe(pick: Pick, keys: Sequence[str]) -> str:
-    """``level=0.5 (sparsity 50%, fidelity_rel_error 0.31, 2.6 MB, 0.24x dense)``, or why
+    """``level=0.5 (sparsity 50%, fidelity_rel_error 0.31, 2.6 MB (0.24x dense))``, or why
     nothing was picked."""
-    from sparsify_exp.runner.progress import percent
-    from sparsify_exp.runner.sweep.summary import COMPRESSED_MB, COMPRESSED_TO_DENSE, SPARSITY
+    from sparsify_exp.runner.sweep.summary import headline
 
     if pick.run is None:
         if pick.candidates == 0:
             return "nothing: no child finished"
         return f"nothing: no finished child meets the rule ({pick.rule})"
-    m = pick.run.data.metrics
-    shown = [f"sparsity {percent(m[SPARSITY])}"] if SPARSITY in m else []
-    fixed = (SPARSITY, COMPRESSED_MB, COMPRESSED_TO_DENSE)
-    shown += [f"{k.rsplit('/', 1)[-1]} {m[k]:.4g}" for k in keys if k in m and k not in fixed]
-    if COMPRESSED_MB in m:
-        shown.append(f"{m[COMPRESSED_MB]:.4g} MB")
-    if COMPRESSED_TO_DENSE in m:
-        shown.append(f"{m[COMPRESSED_TO_DENSE]:.3g}x dense")
-    answer = f"{pick.name} ({', '.join(shown)})" if shown else pick.name
+    shown = headline(pick.run.data.metrics, keys)
+    answer = f"{pick.name} ({shown})" if shown else pick.name
     return f"{answer}; {pick.at_edge}" if pick.at_edge else answer

@@ -14,6 +14,7 @@ logged key (``fidelity/rel_error/emb`` extends ``fidelity/rel_error``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -41,6 +42,7 @@ LEVEL_KEY_PATTERN = re.compile(
 COMPRESSION_KEY = "size/compressed_to_dense"  # compressed / dense: lower is smaller
 SIZE_KEYS = (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY, COMPRESSION_KEY)
 ARTIFACT_DIR = "report"
+TRADEOFF_FILE = "tradeoff.html"
 MAX_PANELS = 9
 
 
@@ -60,6 +62,8 @@ class SweepReport:
     """The child the parent run picked (tag ``sparsify.pick``) and by which rule."""
     pick_rule: str = ""
     pick_note: str = ""
+    pick_bounds: dict[str, list] = field(default_factory=dict)
+    """The rule's bounds: ``{metric: [">=" | "<=", bound]}`` (tag ``sparsify.pick_bounds``)."""
 
 
 # ----------------------------------------------------------------------------- the table
@@ -315,12 +319,39 @@ def build_sweep_report(
     report.pick = parent.data.tags.get("sparsify.pick", "")
     report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
     report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
+    report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
     plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}
     report.files = [out / "sweep_report.csv", out / "sweep_report.md"]
     report.files += [out / name for name, plot in plots.items() if plot(report, out / name)]
+    if _tradeoff(report, children, out / TRADEOFF_FILE):
+        report.files.append(out / TRADEOFF_FILE)
     return report
+
+
+def _tradeoff(report: SweepReport, children: pd.DataFrame, path: Path) -> bool:
+    """The interactive trade-off page (:mod:`.charts`) from the finished children's
+    ``_summary/`` metrics and swept values."""
+    from sparsify_exp.runner.sweep.charts import write_tradeoff
+
+    overrides = [parse_overrides(t) for t in _column(children, f"tags.{tr.OVERRIDES_TAG}")]
+    names = _column(children, "tags.mlflow.runName").fillna("")
+    summary = [c for c in children if c.startswith("metrics._summary/")]
+    rows = [
+        {
+            "name": names.iloc[i] or children["run_id"].iloc[i][:8],
+            **{k: o.get(k, "") for k in report.varied_keys},
+            **{c.removeprefix("metrics."): children[c].iloc[i] for c in summary},
+        }
+        for i, o in enumerate(overrides)
+        if children["status"].iloc[i] == "FINISHED"
+    ]
+    frame = pd.DataFrame(rows)
+    varied = {k: [str(v) for v in frame[k]] for k in report.varied_keys} if rows else {}
+    return write_tradeoff(
+        frame, varied, report.series_keys, report.pick, report.pick_bounds, path, report.title
+    )
 
 
 def write_sweep_report(

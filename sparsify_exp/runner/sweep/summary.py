@@ -51,6 +51,26 @@ def _readable(value: float) -> float:
     return float(f"{value:.6g}")
 
 
+def headline(metrics: Mapping[str, float], keys: Iterable[str] | None = None) -> str:
+    """``sparsity 50.0%, fidelity_rel_error 0.3100, 5.87 MB (0.531x dense)``: a run's
+    ``_summary/`` numbers in one short phrase (``keys``: the quality keys to show, default
+    every summary key the run has)."""
+    from sparsify_exp.runner.progress import percent
+
+    fixed = (SPARSITY, COMPRESSED_MB, COMPRESSED_TO_DENSE, QUANTIZED_MB)
+    keys = sorted(k for k in metrics if is_summary(k)) if keys is None else list(keys)
+    shown = [f"sparsity {percent(metrics[SPARSITY])}"] if SPARSITY in metrics else []
+    shown += [
+        f"{k.rsplit('/', 1)[-1]} {metrics[k]:.4g}" for k in keys if k in metrics and k not in fixed
+    ]
+    if COMPRESSED_MB in metrics:
+        size = f"{metrics[COMPRESSED_MB]:.4g} MB"
+        if COMPRESSED_TO_DENSE in metrics:
+            size += f" ({metrics[COMPRESSED_TO_DENSE]:.3g}x dense)"
+        shown.append(size)
+    return ", ".join(shown)
+
+
 class Summarizer:
     """Adds the ``_summary/`` keys that a batch of metrics implies."""
 
