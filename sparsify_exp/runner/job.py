@@ -33,7 +33,7 @@ from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder,
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
-from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
+from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker, headline
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
 from sparsify_exp.runner.tracking import store as tr
@@ -115,8 +115,12 @@ def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
-        exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
-        log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
+        ended = tracker.upstream.client.get_run(tracker.run_id)
+        if job.multirun:  # short: the sweep's own last line has the link
+            log.info("%s: %s", ended.info.run_name, headline(ended.data.metrics))
+        else:
+            page = run_page(tracker.uri, ended.info.experiment_id, tracker.run_id)
+            log.info("run %s: %s", tracker.run_id, page)
     return tracker.run_id
 
 
@@ -200,7 +204,9 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
 
 
 def _log_config(tracker: tr.RunTracker, c: Mapping[str, Any], job: JobInfo, artifacts: Path):
-    tracker.log_params(tr.flatten(c))
+    # a swept group (method=magnitude,nm_2_4) as a param too: the UI's charts axes are params
+    swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k in job.choices]
+    tracker.log_params({**tr.flatten(c), **{g: str(job.choices[g]) for g in swept}})
     cfg_dir = artifacts / "config"
     cfg_dir.mkdir(exist_ok=True)
     atomic_write_text(cfg_dir / "config.yaml", OmegaConf.to_yaml(c))
@@ -392,8 +398,8 @@ def _execute(
         sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
         sizes["size/dense_bytes"] = file_bytes
         log.info("sparsified data written to %s", path)
-    sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
-        sizes["size/compressed_bytes"], 1
+    sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
+        sizes["size/dense_bytes"], 1
     )
     sizes.update(rows)
     tracker.log_metrics(sizes, step=final)
