@@ -18,6 +18,7 @@ import math
 import os
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.masks import save_masks
-from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
+from sparsify_exp.runner.artifacts import (
+    SPARSE_LAYOUTS,
+    mask_images,
+    storage_sizes,
+    write_table,
+)
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
 from sparsify_exp.runner.context import JobInfo, job_info
@@ -345,6 +351,13 @@ def _execute(
     rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
+    out_format = c["output"].get("format", "dense")
+    if out_format != "dense" and mapped is not None:
+        raise RuntimeError(
+            f"output.format={out_format}: memory-mapped data is written dense "
+            "(use output.format=dense, or data.mmap=false when the data fits in memory)"
+        )
+    final_masks = {n: sp.get_mask(n).detach() for n in names} if out_format != "dense" else {}
     sp.squash_mask(leave_parametrized=mapped is None)
     tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
@@ -357,11 +370,31 @@ def _execute(
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        path = built.bundle.save(data_dir / "sparsified", masks=sp)
-        file_bytes = path.stat().st_size
-        sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
-        sizes["size/dense_bytes"] = file_bytes
-        log.info("sparsified data written to %s", path)
+        if out_format == "dense":
+            path = built.bundle.save(data_dir / "sparsified", masks=sp)
+            file_bytes = path.stat().st_size
+            sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
+            sizes["size/dense_bytes"] = file_bytes
+            log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
+        else:
+            path, layouts = built.bundle.save_sparse(
+                data_dir / "sparsified", final_masks, SPARSE_LAYOUTS[out_format]
+            )
+            sizes["size/compressed_bytes"] = float(path.stat().st_size)
+            log.info(
+                "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
+                "load it with sparsify_exp.load_sparse)",
+                out_format,
+                ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
+                path,
+                human_bytes(sizes["size/compressed_bytes"]),
+            )
+        log.info(
+            "%s",
+            "it is also logged as the run's artifact data/"
+            if m["log_data"]
+            else "not logged to MLflow (mlflow.log_data=false)",
+        )
     sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
         sizes["size/compressed_bytes"], 1
     )

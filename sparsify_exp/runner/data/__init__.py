@@ -101,6 +101,18 @@ class DataBundle:
             write_safetensors(self.tensors(), path, metadata=dict(self.metadata) or None)
         return path
 
+    def save_sparse(
+        self, stem: Path, masks: Mapping[str, torch.Tensor], layout: str
+    ) -> tuple[Path, dict[str, str]]:
+        """Writes the squashed data as one ``.safetensors`` file with each masked name in
+        ``layout`` (:func:`sparsify_exp.save_sparse`); returns the file and each masked
+        name's layout as written."""
+        from sparsify_exp.sparse_format import save_sparse
+
+        path = stem.with_suffix(".safetensors")
+        layouts = save_sparse(self.tensors(), path, masks, layout=layout, metadata=self.metadata)
+        return path, layouts
+
 
 def as_tensor(obj: torch.Tensor | nn.Module) -> torch.Tensor:
     """The tensor a sparsifier masks: ``weight`` for embedding modules, else the tensor."""
