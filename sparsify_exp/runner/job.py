@@ -250,7 +250,7 @@ def _execute(
     resuming: bool = False,
 ) -> None:
     from sparsify_exp.runner.data import as_tensor
-    from sparsify_exp.runner.evaluation import EvalContext
+    from sparsify_exp.runner.evaluation import DenseReference, EvalContext
 
     t0 = time.perf_counter()
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
@@ -291,7 +291,16 @@ def _execute(
         artifacts_dir=eval_dir,
         extras={"training": built.train_fn is not None},
         max_names=int(m["max_name_metrics"]),
+        tokenizer=built.bundle.tokenizer,
     )
+    wanting = [n for n, ev in built.evaluators.items() if getattr(ev, "wants_dense", False)]
+    if wanting and state is None:  # a resumed run's data is no longer dense
+        ctx.dense = DenseReference.capture(built.bundle.model, built.added)
+        log.info("dense reference copied for %s", ", ".join(wanting))
+    elif wanting:
+        raise RuntimeError(
+            f"{', '.join(wanting)} compare with the dense data, which a resumed run no longer has"
+        )
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 
     # ---- the steps

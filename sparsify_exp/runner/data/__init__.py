@@ -9,7 +9,8 @@ shipped here:
 - :mod:`sparsify_exp.runner.data.model`      -- the parameters of an ``nn.Module`` (default:
   :class:`MLP`);
 - :mod:`sparsify_exp.runner.data.embeddings` -- ``nn.Embedding`` / ``nn.EmbeddingBag`` tables;
-- :mod:`sparsify_exp.runner.data.file`       -- a ``.safetensors`` file or a torch state_dict.
+- :mod:`sparsify_exp.runner.data.file`       -- a ``.safetensors`` file or a torch state_dict;
+- :mod:`sparsify_exp.runner.data.hf`         -- a Hugging Face model folder or hub id.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class DataBundle:
     mapped: Any = None
     """The :class:`~sparsify_exp.streaming.Checkpoint` when the data is memory-mapped: its
     masks are held packed and ``save`` streams the squash to a new ``.safetensors`` file."""
+    tokenizer: Any = None
+    """The model's tokenizer (``data=hf``), for evaluators and calibration; None without one."""
 
     @property
     def suffix(self) -> str:
