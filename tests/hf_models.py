@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (a readable word list)
     "the a of to and in is it that for on with as was he be by this are at from or an "
     "which one you all have not but they his her she we can will there their what so up "
     "out if about who get would make like time just him know take people into year your "

@@ -11,12 +11,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_models import tiny_bert, tiny_gpt2  # noqa: E402
+from hf_models import tiny_bert, tiny_gpt2
 
-from sparsify_exp import load_masks, load_sparse  # noqa: E402
-from sparsify_exp.hf import from_pretrained  # noqa: E402
-from sparsify_exp.runner import run_overrides  # noqa: E402
-from sparsify_exp.runner.config import ConfigError  # noqa: E402
+from sparsify_exp import load_masks, load_sparse
+from sparsify_exp.hf import from_pretrained
+from sparsify_exp.runner import run_overrides
+from sparsify_exp.runner.config import ConfigError
 
 FAST = ["mlflow.mask_images=0"]
 
