@@ -18,6 +18,7 @@ import math
 import os
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
-from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
+from sparsify_exp.runner.artifacts import (
+    SPARSE_LAYOUTS,
+    mask_images,
+    storage_sizes,
+    write_table,
+)
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
 from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder, job_info
@@ -278,7 +284,7 @@ def _execute(
     resuming: bool = False,
 ) -> None:
     from sparsify_exp.runner.data import as_tensor
-    from sparsify_exp.runner.evaluation import EvalContext
+    from sparsify_exp.runner.evaluation import DenseReference, EvalContext
 
     t0 = time.perf_counter()
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
@@ -319,7 +325,16 @@ def _execute(
         artifacts_dir=eval_dir,
         extras={"training": built.train_fn is not None},
         max_names=int(m["max_name_metrics"]),
+        tokenizer=built.bundle.tokenizer,
     )
+    wanting = [n for n, ev in built.evaluators.items() if getattr(ev, "wants_dense", False)]
+    if wanting and state is None:  # a resumed run's data is no longer dense
+        ctx.dense = DenseReference.capture(built.bundle.model, built.added)
+        log.info("dense reference copied for %s", ", ".join(wanting))
+    elif wanting:
+        raise RuntimeError(
+            f"{', '.join(wanting)} compare with the dense data, which a resumed run no longer has"
+        )
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 
     # ---- the steps
@@ -381,6 +396,13 @@ def _execute(
     rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
+    out_format = c["output"].get("format", "dense")
+    if out_format != "dense" and mapped is not None:
+        raise RuntimeError(
+            f"output.format={out_format}: memory-mapped data is written dense "
+            "(use output.format=dense, or data.mmap=false when the data fits in memory)"
+        )
+    final_masks = {n: sp.get_mask(n).detach() for n in names} if out_format != "dense" else {}
     sp.squash_mask(leave_parametrized=mapped is None)
     tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
@@ -393,11 +415,31 @@ def _execute(
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        path = built.bundle.save(data_dir / "sparsified", masks=sp)
-        file_bytes = path.stat().st_size
-        sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
-        sizes["size/dense_bytes"] = file_bytes
-        log.info("sparsified data written to %s", path)
+        if out_format == "dense":
+            path = built.bundle.save(data_dir / "sparsified", masks=sp)
+            file_bytes = path.stat().st_size
+            sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
+            sizes["size/dense_bytes"] = file_bytes
+            log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
+        else:
+            path, layouts = built.bundle.save_sparse(
+                data_dir / "sparsified", final_masks, SPARSE_LAYOUTS[out_format]
+            )
+            sizes["size/compressed_bytes"] = float(path.stat().st_size)
+            log.info(
+                "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
+                "load it with sparsify_exp.load_sparse)",
+                out_format,
+                ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
+                path,
+                human_bytes(sizes["size/compressed_bytes"]),
+            )
+        log.info(
+            "%s",
+            "it is also logged as the run's artifact data/"
+            if m["log_data"]
+            else "not logged to MLflow (mlflow.log_data=false)",
+        )
     sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
         sizes["size/dense_bytes"], 1
     )
