@@ -89,6 +89,10 @@ def storage_sizes(
     return {"size/dense_bytes": float(dense), "size/compressed_bytes": float(dense - saved)}
 
 
+SPARSE_LAYOUTS = {"bitmask": "sparse-bitmask", "rows": "rows"}
+"""``output.format`` -> the :mod:`sparsify_exp.sparse_format` layout it writes."""
+
+
 def block_factors(rows: int, cols: int, max_side: int) -> tuple[int, int]:
     """Rows and columns per block so that a ``rows x cols`` mask fits ``max_side`` a side;
     an axis that fits is not reduced."""

@@ -18,6 +18,7 @@ import math
 import os
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
-from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
+from sparsify_exp.runner.artifacts import (
+    SPARSE_LAYOUTS,
+    mask_images,
+    storage_sizes,
+    write_table,
+)
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
 from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
-from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
+from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker, headline
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
 from sparsify_exp.runner.tracking import store as tr
@@ -119,8 +125,12 @@ def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
-        exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
-        log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
+        ended = tracker.upstream.client.get_run(tracker.run_id)
+        if job.multirun:  # short: the sweep's own last line has the link
+            log.info("%s: %s", ended.info.run_name, headline(ended.data.metrics))
+        else:
+            page = run_page(tracker.uri, ended.info.experiment_id, tracker.run_id)
+            log.info("run %s: %s", tracker.run_id, page)
     return tracker.run_id
 
 
@@ -205,7 +215,9 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
 
 
 def _log_config(tracker: tr.RunTracker, c: Mapping[str, Any], job: JobInfo, artifacts: Path):
-    tracker.log_params(tr.flatten(c))
+    # a swept group (method=magnitude,nm_2_4) as a param too: the UI's charts axes are params
+    swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k in job.choices]
+    tracker.log_params({**tr.flatten(c), **{g: str(job.choices[g]) for g in swept}})
     cfg_dir = artifacts / "config"
     cfg_dir.mkdir(exist_ok=True)
     atomic_write_text(cfg_dir / "config.yaml", OmegaConf.to_yaml(c))
@@ -277,7 +289,7 @@ def _execute(
     resuming: bool = False,
 ) -> None:
     from sparsify_exp.runner.data import as_tensor
-    from sparsify_exp.runner.evaluation import EvalContext
+    from sparsify_exp.runner.evaluation import DenseReference, EvalContext
 
     t0 = time.perf_counter()
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
@@ -318,7 +330,16 @@ def _execute(
         artifacts_dir=eval_dir,
         extras={"training": built.train_fn is not None},
         max_names=int(m["max_name_metrics"]),
+        tokenizer=built.bundle.tokenizer,
     )
+    wanting = [n for n, ev in built.evaluators.items() if getattr(ev, "wants_dense", False)]
+    if wanting and state is None:  # a resumed run's data is no longer dense
+        ctx.dense = DenseReference.capture(built.bundle.model, built.added)
+        log.info("dense reference copied for %s", ", ".join(wanting))
+    elif wanting:
+        raise RuntimeError(
+            f"{', '.join(wanting)} compare with the dense data, which a resumed run no longer has"
+        )
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 
     # ---- the steps
@@ -380,6 +401,13 @@ def _execute(
     rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
+    out_format = c["output"].get("format", "dense")
+    if out_format != "dense" and mapped is not None:
+        raise RuntimeError(
+            f"output.format={out_format}: memory-mapped data is written dense "
+            "(use output.format=dense, or data.mmap=false when the data fits in memory)"
+        )
+    final_masks = {n: sp.get_mask(n).detach() for n in names} if out_format != "dense" else {}
     sp.squash_mask(leave_parametrized=mapped is None)
     tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
@@ -392,13 +420,33 @@ def _execute(
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        path = built.bundle.save(data_dir / "sparsified", masks=sp)
-        file_bytes = path.stat().st_size
-        sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
-        sizes["size/dense_bytes"] = file_bytes
-        log.info("sparsified data written to %s", path)
-    sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
-        sizes["size/compressed_bytes"], 1
+        if out_format == "dense":
+            path = built.bundle.save(data_dir / "sparsified", masks=sp)
+            file_bytes = path.stat().st_size
+            sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
+            sizes["size/dense_bytes"] = file_bytes
+            log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
+        else:
+            path, layouts = built.bundle.save_sparse(
+                data_dir / "sparsified", final_masks, SPARSE_LAYOUTS[out_format]
+            )
+            sizes["size/compressed_bytes"] = float(path.stat().st_size)
+            log.info(
+                "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
+                "load it with sparsify_exp.load_sparse)",
+                out_format,
+                ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
+                path,
+                human_bytes(sizes["size/compressed_bytes"]),
+            )
+        log.info(
+            "%s",
+            "it is also logged as the run's artifact data/"
+            if m["log_data"]
+            else "not logged to MLflow (mlflow.log_data=false)",
+        )
+    sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
+        sizes["size/dense_bytes"], 1
     )
     sizes.update(rows)
     tracker.log_metrics(sizes, step=final)

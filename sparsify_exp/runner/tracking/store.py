@@ -418,8 +418,10 @@ def short_value(value: str) -> str:
 
 
 def swept_run_name(overrides: Iterable[str], swept: Iterable[str]) -> str:
-    """A sweep job's name: only what the sweep varies (``level=0.5 block=1x4``)."""
+    """A sweep job's name: only what the sweep varies (``level=0.5 block=1x4``); a swept
+    group by its option alone (``nm_2_4 level=0.5``), so the method leads the name."""
     values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    return " ".join(
-        f"{short_key(k)}={short_value(values[k])}" for k in swept if k.lstrip("+~") in values
-    )
+    keys = [k.lstrip("+~") for k in swept if k.lstrip("+~") in values]
+    groups = [values[k] for k in keys if "." not in k and "/" not in k]
+    rest = [f"{short_key(k)}={short_value(values[k])}" for k in keys if "." in k or "/" in k]
+    return " ".join(groups + rest)

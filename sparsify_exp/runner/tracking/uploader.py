@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from sparsify_exp.runner.tracking import store as tr
-from sparsify_exp.runner.tracking.heartbeat import NOTE_TAG, PROCESS_DIED, delete_tags, failure_tags
+from sparsify_exp.runner.tracking.heartbeat import (
+    HEARTBEAT_TAG,
+    NOTE_TAG,
+    PROCESS_DIED,
+    delete_tags,
+    failure_tags,
+)
 from sparsify_exp.runner.tracking.reachability import Transient, is_transient, short_reason
 from sparsify_exp.runner.tracking.spool import REJECTED_FILE, Spool
 
@@ -231,6 +237,8 @@ class Uploader:
         if reason:
             up.set_tags(failure_tags(status, str(reason)))
         up.client.set_terminated(up.run_id, status, end_time=int(record["ts"]))
+        # an ended run has no heartbeat to show (after the end: a run left RUNNING keeps it)
+        delete_tags(up.client, up.run_id, HEARTBEAT_TAG)
         self.ended = {**record, "status": status, "reason": reason}
 
     def revive(self) -> None:
