@@ -80,3 +80,33 @@ def test_an_away_server_is_said_once_without_client_noise(mlflow_server, store, 
     assert "SQLAlchemy" not in err and "urllib3" not in err
     away = [line for line in err.splitlines() if "unreachable" in line]
     assert 1 <= len(away) <= 2, err[-3000:]  # it went away (and was still away at the end)
+
+
+@pytest.mark.slow
+def test_a_store_that_refuses_writes_is_said_once_without_sql_tracebacks(store, started_cli):
+    """Another process holds the sqlite file locked for 30 s: every write of the run fails
+    after sqlite's wait (MLflow logs a traceback for each); the run says so once, goes on,
+    and uploads everything once the store takes writes again."""
+    import signal
+    import sqlite3
+
+    proc = started_cli([*LONG, "mlflow.flush_timeout_s=120"], store.dir)
+    try:
+        _wait_for_run(store, proc)
+        blocker = sqlite3.connect(store.dir / "mlflow.db", isolation_level=None, timeout=60)
+        blocker.execute("BEGIN EXCLUSIVE")
+        time.sleep(30)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        err = out + err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in err and "SQLAlchemy database error" not in err, err[-3000:]
+    away = [line for line in err.splitlines() if "unreachable" in line]
+    assert len(away) == 1, err[-3000:]
+    (run,) = store.runs()
+    assert run.info.status == "KILLED"  # its end went through once the lock was gone
