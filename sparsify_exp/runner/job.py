@@ -35,7 +35,7 @@ from sparsify_exp.runner.artifacts import (
 )
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
-from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder, job_info
+from sparsify_exp.runner.context import JobInfo, claim_job_folder, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
@@ -68,13 +68,13 @@ def run(cfg: DictConfig) -> str:
     if c.get("resume"):  # the stopped run's own config, job folder and MLflow run
         uri = tr.resolve_tracking_uri(c["mlflow"]["tracking_uri"], job.launch_dir)
         resumed = resume.locate(str(c["resume"]), uri)
-        lock = _claim(resumed.job_dir, "resuming", f"resume={c['resume']}")
+        lock = claim_job_folder(resumed.job_dir, "resuming", f"resume={c['resume']}")
         c = {**resumed.config, "resume": c["resume"]}
         cfg = OmegaConf.create(c)
         job = dataclasses.replace(job, output_dir=resumed.job_dir)
     else:
         key = "hydra.sweep.dir" if job.multirun else "hydra.run.dir"
-        lock = _claim(job.output_dir, "running", key)
+        lock = claim_job_folder(job.output_dir, "running", key)
     try:
         removed = remove_leftovers(job.output_dir)  # partial files of a killed process
         if removed:
@@ -84,19 +84,6 @@ def run(cfg: DictConfig) -> str:
         return _run(cfg, c, job, resumed)
     finally:
         lock.release()
-
-
-def _claim(job_dir: Path, what: str, key: str) -> JobLock:
-    """This process's hold on ``job_dir``; a config error naming the process holding it."""
-    try:
-        return JobLock(job_dir, what)
-    except JobFolderBusy:
-        raise ConfigError(
-            [
-                f"{key}: job folder {job_dir} is in use ({holder(job_dir)}); wait for that "
-                "process to end or stop it"
-            ]
-        ) from None
 
 
 def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
@@ -259,27 +246,6 @@ def _train(built: Built, sp: Any, tracker: Any, step: int, steps: int) -> None:
     log_train(metrics)
 
 
-class _SkipLogged:
-    """A resumed run recomputes the steps after its checkpoint: metrics of the steps the
-    store already has are not logged twice."""
-
-    def __init__(self, tracker: Any, through: int) -> None:
-        self.tracker, self.through = tracker, through
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if step > self.through:
-            self.tracker.log_metrics(metrics, step)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tracker, name)
-
-
-def _last_logged_step(tracker: Any) -> int:
-    client = tracker.upstream.client
-    history = client.get_metric_history(tracker.run_id, tr.SPARSITY_KEY)
-    return max((m.step for m in history), default=-1)
-
-
 def _execute(
     built: Built,
     c: Mapping[str, Any],
@@ -295,7 +261,7 @@ def _execute(
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
     state = checkpoint.load(job.output_dir) if resuming else None
     if state is not None:
-        tracker = _SkipLogged(tracker, _last_logged_step(tracker))
+        tracker = resume.SkipLogged(tracker, resume.last_logged_step(tracker))
     tracker = SummarizingTracker(tracker, Summarizer(built.evaluators.values()))
     sp, names = built.sparsifier, list(built.added)
     numels = {n: as_tensor(built.added[n]).numel() for n in names}
