@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,6 +63,8 @@ class SweepReport:
     """The child the parent run picked (tag ``sparsify.pick``) and by which rule."""
     pick_rule: str = ""
     pick_note: str = ""
+    common_args: list[str] = field(default_factory=list)
+    """The overrides every job shares, as given (``~``, ``+`` kept)."""
     pick_bounds: dict[str, list] = field(default_factory=dict)
     """The rule's bounds: ``{metric: [">=" | "<=", bound]}`` (tag ``sparsify.pick_bounds``)."""
 
@@ -69,9 +72,9 @@ class SweepReport:
 # ----------------------------------------------------------------------------- the table
 
 
-def parse_overrides(tag: object) -> dict[str, str]:
-    """``{key: value}`` from tag ``sparsify.overrides``: the job's Hydra overrides joined by
-    single spaces (a value holds spaces only inside brackets or quotes)."""
+def override_tokens(tag: object) -> list[str]:
+    """The job's Hydra overrides as given (``~``, ``+`` kept) from tag ``sparsify.overrides``:
+    joined by single spaces (a value holds spaces only inside brackets or quotes)."""
     text, items, depth, quote, start = tag if isinstance(tag, str) else "", [], 0, "", 0
     for i, ch in enumerate(text + " "):
         if quote or ch in "'\"":
@@ -81,8 +84,18 @@ def parse_overrides(tag: object) -> dict[str, str]:
         elif ch == " " and depth == 0:
             items.append(text[start:i])
             start = i + 1
-    pairs = (item.partition("=") for item in items)
+    return [item for item in items if item]
+
+
+def parse_overrides(tag: object) -> dict[str, str]:
+    """``{key: value}`` of :func:`override_tokens` (a deletion ``~key`` has no value)."""
+    pairs = (item.partition("=") for item in override_tokens(tag))
     return {key.lstrip("+~"): value for key, sep, value in pairs if sep}
+
+
+def pasteable(tokens: Iterable[str]) -> str:
+    """Overrides as a shell takes them back: quoted where a shell would split or expand."""
+    return " ".join(t if re.fullmatch(r"[\w.,=+~/:@%\-]+", t) else shlex.quote(t) for t in tokens)
 
 
 def quality_keys_of(metric_keys: Iterable[str], evaluators: Sequence[str]) -> list[str]:
@@ -122,6 +135,12 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
     given = pd.DataFrame(overrides, index=children.index, dtype=object)
     varied = sorted(k for k in given if given[k].nunique(dropna=False) > 1)
     common = {k: overrides[0][k] for k in sorted(given) if k not in varied}
+    tokens = (
+        override_tokens(_column(children, f"tags.{tr.OVERRIDES_TAG}").iloc[0])
+        if len(children)
+        else []
+    )
+    common_args = [t for t in tokens if t.split("=", 1)[0].lstrip("+~") not in varied]
     series = [k for k in varied if not LEVEL_KEY_PATTERN.search(k)]
     tags = _column(children, f"tags.{tr.EVALUATORS_TAG}").dropna()
     evaluators = {name.strip() for tag in tags for name in tag.split(",")}
@@ -152,7 +171,9 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
         return [_sort_value(row[k]) for k in ranks], level, row["run_name"]
 
     table = pd.DataFrame(sorted(table.to_dict("records"), key=rank), columns=table.columns)
-    return SweepReport(parent_run_id, title, table, varied, common, quality, series)
+    report = SweepReport(parent_run_id, title, table, varied, common, quality, series)
+    report.common_args = common_args
+    return report
 
 
 def _cell(column: str, value: object) -> str:
@@ -180,9 +201,8 @@ def markdown(report: SweepReport) -> str:
     cols = ["status", *report.varied_keys, SPARSITY_KEY, *quality, *SIZE_KEYS]
     cols += ["error"] if t["error"].any() else []
     lines = [f"# {report.title}", "", f"Parent run `{report.parent_run_id}`, {len(t)} jobs."]
-    if report.common_overrides:
-        common = " ".join(f"{k}={v}" for k, v in report.common_overrides.items())
-        lines.append(f"Common overrides: `{common}`.")
+    if report.common_args:
+        lines.append(f"Common overrides (paste them back): `{pasteable(report.common_args)}`.")
     if baselines:
         dense = ", ".join(f"`{k}` = {_cell(k, v)}" for k, v in baselines.items())
         lines.append(f"Dense baseline (every job): {dense}.")
