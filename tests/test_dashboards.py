@@ -193,7 +193,7 @@ def test_the_view_shows_the_trade_off_with_the_pick_marked(sweep):
     assert column("attributes", "Duration") not in cols
     for col in cols:  # every header whole: ~7 px a character
         label = col.split(".", 1)[1].strip("`")
-        assert state["columnWidths"][col] >= 7 * len(label) + 40, col
+        assert state["columnWidths"][col] >= 7 * len(label) + 24, col
     picked = [c for c in children if c.data.tags.get("sparsify.picked")]
     assert [c.info.run_id for c in picked] == [parent.data.tags["sparsify.pick_run_id"]]
     charts = state["compareRunCharts"]

@@ -124,39 +124,36 @@ def block_average(
 
 
 def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int) -> int:
-    """A PNG per 2-D mask (at most ``limit``). A mask larger than ``max_side`` a side is drawn
-    in blocks (only the long axis is reduced); a block is white when every entry is kept and
-    coloured by the fraction pruned on a log scale otherwise, so 1 pruned entry in 1000
-    still shows: no pruned row or column can disappear."""
+    """A PNG per 2-D mask (at most ``limit``), in grey on a linear scale of the fraction
+    kept: white = kept, black = zeroed, so 50% and 90% look as different as they are. A mask
+    larger than ``max_side`` a side is drawn one pixel per ``fh x fw`` entries (only the long
+    axis is reduced; the pixel's grey is the fraction of those entries kept); a smaller one an
+    entry a square of at least 2 x 2 screen pixels, so 1x4 blocks show as 8-pixel dashes."""
     two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
     if not two_d:
         return 0
-    import numpy as np
-    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     from sparsify_exp.runner.tracking import store as tr
 
     out.mkdir(parents=True, exist_ok=True)
-    cmap = colormaps["viridis_r"].with_extremes(bad="white")
     for name in two_d:
         mask = sp.get_mask(name)
         rows, cols = mask.shape
         fh, fw = block_factors(rows, cols, max_side)
-        pruned = 1.0 - block_average(mask, max_side).numpy().astype(np.float64)
-        h, w = pruned.shape
+        kept = block_average(mask, max_side).numpy()
+        h, w = kept.shape
         removed = mask.numel() - int(mask.count_nonzero())
-        # at least a pixel a block (the axes take about 3/4 of the figure), so none is dropped
-        fig = Figure(figsize=(max(6.4, w / 75 + 1.6), max(4.8, h / 75 + 1.2)), dpi=100)
+        scale = 50 if (fh, fw) == (1, 1) else 75  # 2 screen pixels an entry; else 1.3 a pixel
+        fig = Figure(figsize=(max(6.4, w / scale + 1.6), max(4.8, h / scale + 1.2)), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        smallest = 1.0 / (fh * fw) if fh * fw > 1 else 0.5
         im = ax.imshow(
-            np.ma.masked_less_equal(pruned, 0.0),
-            cmap=cmap,
-            norm=LogNorm(vmin=min(smallest, 1e-3) if fh * fw > 1 else smallest, vmax=1.0),
+            kept,
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
             aspect="auto",
             interpolation="nearest",
             extent=(0, w * fw, h * fh, 0),  # a partial edge block is drawn at its true size
@@ -165,15 +162,17 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         ax.set_ylim(rows, 0)
         for spine in ax.spines.values():  # a frame line would hide the first and last rows
             spine.set_visible(False)
-        note = "" if (h, w) == (rows, cols) else f"; blocks of {fh}x{fw}"
+        scale_note = "" if (h, w) == (rows, cols) else f"; a pixel = {fh}x{fw} entries, averaged"
         ax.set_title(
             f"{name}  {rows}x{cols}: {removed:,} of {mask.numel():,} zeroed "
-            f"({removed / max(mask.numel(), 1):.3%}){note}",
+            f"({removed / max(mask.numel(), 1):.1%}){scale_note}",
             fontsize=9,
         )
         ax.set_xlabel("column")
         ax.set_ylabel("row")
-        fig.colorbar(im, ax=ax, label="fraction pruned (white: all kept)")
+        bar = fig.colorbar(im, ax=ax, ticks=[0, 0.25, 0.5, 0.75, 1.0])
+        bar.set_label("fraction kept (white: all kept, black: all zeroed)")
+        bar.ax.set_yticklabels(["0%", "25%", "50%", "75%", "100%"])
         fig.tight_layout()
         fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
     return len(two_d)

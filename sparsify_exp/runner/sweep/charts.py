@@ -156,5 +156,8 @@ def _parallel(
             },
             dimensions=dims,
         ),
-        layout={"title": "Swept settings to sparsity, quality and size (the pick in gold)"},
+        layout={
+            "title": "Swept settings to sparsity, quality and size (the pick in gold)",
+            "height": 480,
+        },
     )
