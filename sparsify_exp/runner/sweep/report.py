@@ -20,8 +20,7 @@ import re
 import shlex
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +43,6 @@ COMPRESSION_KEY = "size/compressed_to_dense"  # compressed / dense: lower is sma
 SIZE_KEYS = (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY, COMPRESSION_KEY)
 ARTIFACT_DIR = "report"
 TRADEOFF_FILE = "tradeoff.html"
-MAX_PANELS = 9
 
 
 @dataclass
@@ -218,110 +216,6 @@ def markdown(report: SweepReport) -> str:
     return "\n".join([*lines, ""])
 
 
-# ----------------------------------------------------------------------------- the plots
-
-
-def _series(report: SweepReport) -> dict[str, pd.DataFrame]:
-    """Plot lines: finished jobs with a sparsity, grouped by the non-level varied options."""
-    t = report.table
-    t = t[t[SPARSITY_KEY].notna() & t["status"].isin(["FINISHED", "RUNNING"])]
-    labels = [
-        ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in report.series_keys) or "all jobs"
-        for _, row in t.iterrows()
-    ]
-    groups = t.groupby(pd.Series(labels, t.index, dtype=object), sort=False)
-    return {str(label): g.sort_values(SPARSITY_KEY) for label, g in groups}
-
-
-@contextmanager
-def _figure(path: Path, title: str, n_panels: int) -> Iterator[list]:
-    """Up to 3 panels a row, a title, a legend entry a series below them; saved on exit."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    nrows, ncols = math.ceil(n_panels / 3), min(3, n_panels)
-    size = (4.6 * ncols, 3.6 * nrows + 0.9)
-    fig, grid = plt.subplots(nrows, ncols, figsize=size, squeeze=False, layout="constrained")
-    for ax in grid.flat[n_panels:]:
-        ax.set_visible(False)
-    try:
-        yield list(grid.flat[:n_panels])
-        fig.suptitle(title, fontsize=13)
-        handles, labels = grid.flat[0].get_legend_handles_labels()  # the series: dense has none
-        if labels not in ([], ["all jobs"]):
-            style = {"ncol": min(len(labels), 4), "frameon": False, "fontsize": 9}
-            fig.legend(handles, labels, loc="outside lower center", **style)
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-
-
-def _lines(ax, groups: dict[str, pd.DataFrame], key: str, ylabel: str, scale: float = 1) -> None:
-    """A line a series, each its own colour and marker; earlier ones wider, so overlaps show."""
-    from matplotlib import rcParams
-
-    colors = rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, rows) in enumerate(groups.items()):
-        pts = rows[[SPARSITY_KEY, key]].dropna()
-        style = {"color": colors[i % len(colors)], "marker": "os^Dvp*"[i % 7], "zorder": 2 + i}
-        lw, ms = max(3.2 - 0.7 * i, 1.2), max(7.0 - 1.0 * i, 4.0)
-        if not pts.empty:
-            ax.plot(pts[SPARSITY_KEY], pts[key] / scale, label=label, lw=lw, ms=ms, **style)
-    ax.set_title(key, fontsize=10)
-    ax.set_ylabel(ylabel)
-    ax.set_xlabel("sparsity reached (fraction of entries zeroed)")
-    ax.grid(True, alpha=0.3)
-
-
-def _reference(ax, values: Iterable[float], label: str, loc: str = "best") -> None:
-    """Dashed grey lines (a dense baseline), with their own legend inside the panel."""
-    lines = [ax.axhline(value, color="grey", ls="--", lw=1) for value in values]
-    if lines:
-        ax.legend(handles=lines[:1], labels=[label], loc=loc, fontsize=8)
-
-
-def plot_quality(report: SweepReport, path: Path) -> bool:
-    """A panel a sparse-side quality metric (no deltas, dense baselines nor timings)."""
-    keys = [k for k in report.quality_keys if not k.endswith(("/dense", "/delta"))]
-    keys = [k for k in keys if "time" not in k.split("/")[-1]][:MAX_PANELS]
-    groups = _series(report)
-    if not keys or not groups:
-        return False
-    with _figure(path, "Quality against sparsity", len(keys)) as axes:
-        for ax, key in zip(axes, keys, strict=True):
-            _lines(ax, groups, key, key.split("/", 1)[-1].replace("/sparse", ""))
-            dense = _column(report.table, key.removesuffix("/sparse") + "/dense").dropna()
-            if key.endswith("/sparse") and not dense.empty:
-                _reference(ax, [dense.mean()], "dense")
-    return True
-
-
-def plot_size(report: SweepReport, path: Path) -> bool:
-    """Compressed size against sparsity, then a panel a timing ratio (sparse / dense)."""
-    groups = {k: g[g[COMPRESSED_BYTES_KEY].notna()] for k, g in _series(report).items()}
-    groups = {k: g for k, g in groups.items() if not g.empty}
-    if not groups:
-        return False
-    timing = [k for k in report.quality_keys if "time" in k.split("/")[-1]][: MAX_PANELS - 1]
-    rows = pd.concat(groups.values())
-    scale, unit = (1e6, "MB") if rows[COMPRESSED_BYTES_KEY].max() > 1e6 else (1e3, "kB")
-    with _figure(path, "Size (and speed) against sparsity", 1 + len(timing)) as axes:
-        _lines(axes[0], groups, COMPRESSED_BYTES_KEY, f"size on disk ({unit})", scale)
-        axes[0].set_title("compressed size of the sparsified data", fontsize=10)
-        dense = sorted(set(rows[DENSE_BYTES_KEY].dropna()) - {0.0})
-        _reference(axes[0], [d / scale for d in dense], "dense size", "upper right")
-        axes[0].set_ylim(bottom=0)
-        for ax, key in zip(axes[1:], timing, strict=True):
-            _lines(ax, groups, key, "time sparse / dense")
-            ax.axhline(1.0, color="grey", ls="--", lw=1)
-            lo, hi = ax.get_ylim()
-            if lo > 0 and hi / lo > 20:  # ratios spanning decades
-                ax.set_yscale("log")
-    return True
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -342,6 +236,8 @@ def build_sweep_report(
     report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
+    from sparsify_exp.runner.sweep.plots import plot_quality, plot_size
+
     plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}
     report.files = [out / "sweep_report.csv", out / "sweep_report.md"]
     report.files += [out / name for name, plot in plots.items() if plot(report, out / name)]

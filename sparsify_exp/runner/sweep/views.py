@@ -67,7 +67,7 @@ def view_page(uri: str, experiment_id: str, key: str, charts: bool = False) -> s
 def _width(label: str, values: Sequence[str] = ()) -> int:
     """A column wide enough for its whole header and values (the UI's font: ~7 px a
     character)."""
-    return max(80, 7 * max(len(label), *(len(v) for v in values)) + 24)
+    return max(80, 7 * max([len(label), *(len(v) for v in values)]) + 24)
 
 
 def _chart(kind: str, name: str, section: str, **fields: Any) -> dict[str, Any]:
