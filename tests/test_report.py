@@ -262,3 +262,33 @@ def test_cli_rebuilds_report_from_store(sweep, tmp_path, capsys):
     assert rep.main(["--experiment", "sweep", "--tracking-uri", uri, "--parent", parent_id]) == 0
     shown = capsys.readouterr().out
     assert shown.count("| FINISHED |") == 8 and "parent run artifacts report/" in shown
+
+
+def test_merge_makes_one_report_of_several_sweeps(sweep, tmp_path, capsys):
+    client, first, expected = sweep
+    exp_id = client.get_run(first).info.experiment_id
+    second = client.create_run(exp_id, run_name="other", tags={"sparsify.sweep": "true"})
+    for level in LEVELS:
+        run = client.create_run(
+            exp_id,
+            run_name="job-0" if level == LEVELS[0] else f"mag-{level}",  # job-0: a name clash
+            tags={
+                "mlflow.parentRunId": second.info.run_id,
+                "sparsify.overrides": f"data=embeddings sparsifier=magnitude "
+                f"sparsifier.sparsity_level={level}",
+            },
+        )
+        client.log_metric(run.info.run_id, "sparsity/overall", level)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    out = tmp_path / "merged"
+    args = ["--experiment", "sweep", "--tracking-uri", client.tracking_uri, "--out", str(out)]
+    assert rep.main([*args, "--all", "--merge"]) == 0
+    assert "2 sweeps: 12 jobs" in capsys.readouterr().out
+    rows = _read_csv(out / "sweep_report.csv")
+    assert len(rows) == len(expected) + len(LEVELS)
+    names = [r["run_name"] for r in rows]
+    assert "s1: job-0" in names and "s2: job-0" in names  # the latest sweep is s1
+    assert {r["sparsifier"] for r in rows} == {"", "magnitude"}
+    merged = {f.path for f in client.list_artifacts(second.info.run_id, "report/merged")}
+    assert "report/merged/sweep_report.md" in merged
+    assert "# Report of 2 sweeps: experiment sweep" in (out / "sweep_report.md").read_text()

@@ -198,7 +198,8 @@ def markdown(report: SweepReport) -> str:
     quality = [k for k in report.quality_keys if k not in baselines]
     cols = ["status", *report.varied_keys, SPARSITY_KEY, *quality, *SIZE_KEYS]
     cols += ["error"] if t["error"].any() else []
-    lines = [f"# {report.title}", "", f"Parent run `{report.parent_run_id}`, {len(t)} jobs."]
+    runs = "Parent runs" if "," in report.parent_run_id else "Parent run"
+    lines = [f"# {report.title}", "", f"{runs} `{report.parent_run_id}`, {len(t)} jobs."]
     if report.common_args:
         lines.append(f"Common overrides (paste them back): `{pasteable(report.common_args)}`.")
     if baselines:
@@ -220,20 +221,26 @@ def markdown(report: SweepReport) -> str:
 
 
 def build_sweep_report(
-    client: MlflowClient, parent_run_id: str, out_dir: Path | str
+    client: MlflowClient, parent_run_id: str | Sequence[str], out_dir: Path | str
 ) -> SweepReport:
-    """Read the sweep's child runs and write the table and plots into ``out_dir``."""
+    """Read the sweep's child runs and write the table and plots into ``out_dir``; several
+    parent run ids give one report of all their children (their own picks not marked)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parent = client.get_run(parent_run_id)
+    ids = [parent_run_id] if isinstance(parent_run_id, str) else list(parent_run_id)
+    parent = client.get_run(ids[0])
     experiment = client.get_experiment(parent.info.experiment_id).name
     # through the client, not mlflow.search_runs: that one reads the global tracking URI
-    children = tr.sweep_children_frame(client, parent_run_id)
-    report = build_table(children, parent_run_id, f"Sweep report: experiment {experiment}")
-    report.pick = parent.data.tags.get("sparsify.pick", "")
-    report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
-    report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
-    report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
+    children = _merged_children(client, ids)
+    title = f"Sweep report: experiment {experiment}"
+    if len(ids) > 1:
+        title = f"Report of {len(ids)} sweeps: experiment {experiment}"
+    report = build_table(children, ",".join(ids), title)
+    if len(ids) == 1:
+        report.pick = parent.data.tags.get("sparsify.pick", "")
+        report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
+        report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
+        report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
     from sparsify_exp.runner.sweep.plots import plot_quality, plot_size
@@ -244,6 +251,22 @@ def build_sweep_report(
     if _tradeoff(report, children, out / TRADEOFF_FILE):
         report.files.append(out / TRADEOFF_FILE)
     return report
+
+
+def _merged_children(client: MlflowClient, parent_ids: Sequence[str]) -> pd.DataFrame:
+    """The children of every sweep, in order; a run name another sweep also has gets its
+    sweep's number (``s2: level=0.5``), so rows and legends stay apart."""
+    frames = [tr.sweep_children_frame(client, p) for p in parent_ids]
+    if len(frames) == 1:
+        return frames[0]
+    names = [set(_column(f, "tags.mlflow.runName").dropna()) for f in frames]
+    for i, frame in enumerate(frames):
+        others = set().union(*(n for j, n in enumerate(names) if j != i))
+        if "tags.mlflow.runName" in frame:
+            frame["tags.mlflow.runName"] = [
+                f"s{i + 1}: {n}" if n in others else n for n in frame["tags.mlflow.runName"]
+            ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _tradeoff(report: SweepReport, children: pd.DataFrame, path: Path) -> bool:
@@ -293,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--experiment", required=True, help="MLflow experiment name")
     add("--parent", help="the sweep's parent run id (default: the experiment's latest sweep)")
     add("--all", action="store_true", help="report every sweep in the experiment")
+    add(
+        "--merge",
+        action="store_true",
+        help="one report of the sweeps (--all, or --parent ID,ID,...), logged to the latest "
+        f"one's {ARTIFACT_DIR}/merged/",
+    )
     add("--tracking-uri", help="MLflow tracking URI (default: MLflow's own resolution)")
     add("--out", help="also keep the report files in this folder")
     add("--no-log", action="store_true", help="only write --out; log nothing to the store")
@@ -303,12 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if client.get_experiment_by_name(args.experiment) is None:
         return _fail(f"no experiment named {args.experiment!r}")
     if args.parent:
-        parents = [args.parent]
+        parents = args.parent.split(",")
     else:
         parents = [r.info.run_id for r in tr.find_sweeps(client, args.experiment)]
-    parents = parents if args.all else parents[:1]
+    parents = parents if args.all or args.parent else parents[:1]
     if not parents:
         return _fail(f"no sweep parent run (tag {tr.SWEEP_TAG}=true) in {args.experiment!r}")
+    if args.merge:
+        return _merge(client, parents, args.out, args.no_log)
     for parent_id in parents:
         out = Path(args.out) / parent_id if args.out and len(parents) > 1 else args.out
         try:  # --no-log comes with --out
@@ -319,6 +350,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = out or f"parent run artifacts {ARTIFACT_DIR}/"
         print(f"sweep {parent_id}: {len(report.table)} jobs -> {where}")
         print(markdown(report))
+    return 0
+
+
+def _merge(client: MlflowClient, parents: list[str], out: str | None, no_log: bool) -> int:
+    """One report of several sweeps, logged to the latest sweep's ``report/merged/``."""
+    with tempfile.TemporaryDirectory(prefix="sweep_report_") as tmp:
+        try:
+            report = build_sweep_report(client, parents, out or tmp)
+            if not no_log:
+                for path in report.files:
+                    client.log_artifact(parents[0], str(path), f"{ARTIFACT_DIR}/merged")
+        except MlflowException as e:
+            return _fail(f"sweeps {', '.join(parents)}: {e.message}")
+    where = out or f"parent run {parents[0]} artifacts {ARTIFACT_DIR}/merged/"
+    print(f"{len(parents)} sweeps: {len(report.table)} jobs -> {where}")
+    print(markdown(report))
     return 0
 
 
