@@ -166,10 +166,15 @@ def plot_size(report: SweepReport, path: Path) -> bool:
         for ax, key in zip(axes[1:], timing, strict=True):
             _lines(ax, groups, key, "time sparse / dense (higher is slower)")
             _pick(ax, report, key)
-            ax.axhline(1.0, color="grey", ls="--", lw=1)
-            lo, hi = ax.get_ylim()
-            if lo > 0 and hi / lo > 20:  # ratios spanning decades
-                ax.set_yscale("log")
-            else:  # noise around 1 stays flat
-                ax.set_ylim(min(lo, TIMING_SPAN[0]), max(hi, TIMING_SPAN[1]))
+            _timing_axis(ax)
     return True
+
+
+def _timing_axis(ax) -> None:
+    """A ratio's axis: 1 dashed; decades on a log scale; else at least :data:`TIMING_SPAN`."""
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo > 20:  # ratios spanning decades
+        ax.set_yscale("log")
+    else:  # noise around 1 stays flat
+        ax.set_ylim(min(lo, TIMING_SPAN[0]), max(hi, TIMING_SPAN[1]))
