@@ -93,10 +93,12 @@ def _save_view(
     quality = quality_headlines(keys)
     size = [k for k in (COMPRESSED_MB, COMPRESSED_TO_DENSE) if k in keys]
     params = [k.lstrip("+~") for k in swept]  # a swept group is logged as a param too
+    # the run names already say the swept settings (magnitude level=0.5): the numbers first,
+    # so quality, sparsity and size fit the first screen; the swept params as columns after
     columns = [
         column("tags", PICKED_TAG),
-        *(column("params", k) for k in params),
         *(column("metrics", k) for k in [*quality, SPARSITY, *size] if k in keys),
+        *(column("params", k) for k in params),
     ]
     charts = tradeoff_charts(params, quality, size)
     values = {column("params", k): [r.data.params.get(k, "") for r in children] for k in params}
