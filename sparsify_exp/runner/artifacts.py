@@ -163,8 +163,8 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         for spine in ax.spines.values():  # a frame line would hide the first and last rows
             spine.set_visible(False)
         scale_note = "" if (h, w) == (rows, cols) else f"; a pixel = {fh}x{fw} entries, averaged"
-        ax.set_title(
-            f"{name}  {rows}x{cols}: {removed:,} of {mask.numel():,} zeroed "
+        ax.set_title(  # two lines: a long name and the counts both fit a narrow figure
+            f"{name}  {rows}x{cols}\n{removed:,} of {mask.numel():,} zeroed "
             f"({removed / max(mask.numel(), 1):.1%}){scale_note}",
             fontsize=9,
         )

@@ -26,6 +26,11 @@ def _plotly() -> Any:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
     except ImportError:  # a declared dependency; an old environment may lack it
+        import logging
+
+        logging.getLogger("sparsify_exp.runner").warning(
+            "report/tradeoff.html skipped: no plotly (pip install 'plotly>=5.20')"
+        )
         return None
     return go, make_subplots
 
