@@ -2,6 +2,7 @@
 and an experiment runner in :mod:`sparsify_exp.runner` (Hydra, MLflow), loaded only when run.
 """
 
+from sparsify_exp.calibration import CalibrationStats, StatsCollector, collect
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.masks import load_masks, save_masks
 from sparsify_exp.quantize import post_training_sparse_quantize
@@ -12,6 +13,7 @@ from sparsify_exp.scheduler import (
     LinearScheduler,
     StepScheduler,
 )
+from sparsify_exp.sparse_format import RemappedEmbedding, load_sparse, save_sparse
 from sparsify_exp.sparsifier import (
     BaseDataSparsifier,
     CompactRows,
@@ -29,10 +31,12 @@ from sparsify_exp.sparsifier import (
     pack_mask,
     unpack_mask,
 )
+from sparsify_exp.sparsifier.wanda import WandaSparsifier
 
 __all__ = [
     "BaseDataScheduler",
     "BaseDataSparsifier",
+    "CalibrationStats",
     "CompactRows",
     "ConfigValueError",
     "ConstantScheduler",
@@ -43,17 +47,23 @@ __all__ = [
     "MagnitudeSparsifier",
     "NMSparsifier",
     "RandomSparsifier",
+    "RemappedEmbedding",
     "RowSparsifier",
     "ShardError",
     "ShardedDataNormSparsifier",
     "ShardedMagnitudeSparsifier",
+    "StatsCollector",
     "StepScheduler",
+    "WandaSparsifier",
+    "collect",
     "compact_rows",
     "count_nonfinite",
     "load_masks",
+    "load_sparse",
     "pack_mask",
     "post_training_sparse_quantize",
     "save_masks",
+    "save_sparse",
     "unpack_mask",
 ]
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from sparsify_exp.atomic import partial_path
 from sparsify_exp.sparsifier.mask_bits import packed_nbytes
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.packed_select import ReadAhead
@@ -350,7 +351,7 @@ def write_squashed(
         )
     if source is not None:
         source.check_unchanged()
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_path(path)  # a leftover of a killed write: atomic.remove_leftovers
     saved = 0
     try:
         with open(partial, "wb") as f:

@@ -1,15 +1,23 @@
-"""What a run writes besides its metrics: the per-name table, the storage sizes, and a picture
-of each 2-D mask."""
+"""What a run writes besides its metrics: the per-name table, the storage sizes (and what
+serving costs: quantized tables, rows compacted), and a picture of each 2-D mask."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparsify_exp.atomic import atomic_path
+from sparsify_exp.runner.progress import human_bytes
+from sparsify_exp.sparsifier.row import compact_rows
+
+log = logging.getLogger("sparsify_exp.runner")
 
 # Entries a block-average reads at a time: the transient memory stays near this many bytes
 # (a bool copy of the chunk) however large the mask is.
@@ -38,12 +46,13 @@ def write_table(
 ) -> None:
     """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity and
     what the evaluators measured of it, each column named like the metric family whose first
-    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...)."""
+    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...);
+    then the 0-size floating tensors (kind ``empty``: nothing to sparsify, written as is)."""
     from sparsify_exp.runner.data import as_tensor
 
     measured = measured or {}
     columns = list(dict.fromkeys(c for row in measured.values() for c in row))
-    with path.open("w", newline="") as f:
+    with atomic_path(path, fsync=False) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity", *columns])
         for name, obj in bundle.named_data.items():
@@ -61,6 +70,11 @@ def write_table(
                     *(f"{row[c]:.6g}" if c in row else "" for c in columns),
                 ]
             )
+        for name, t in bundle.extra_tensors.items():  # written as they are: nothing to mask
+            if t.numel() == 0 and t.is_floating_point():
+                shape = "x".join(str(s) for s in t.shape)
+                dtype = str(t.dtype).removeprefix("torch.")
+                w.writerow([name, "empty", shape, 0, dtype, False, "", *("" for _ in columns)])
 
 
 def storage_sizes(
@@ -79,6 +93,10 @@ def storage_sizes(
         encoded = packed_nbytes(t.numel()) + kept[name] * t.element_size()
         saved += max(t.numel() * t.element_size() - encoded, 0)
     return {"size/dense_bytes": float(dense), "size/compressed_bytes": float(dense - saved)}
+
+
+SPARSE_LAYOUTS = {"bitmask": "sparse-bitmask", "rows": "rows"}
+"""``output.format`` -> the :mod:`sparsify_exp.sparse_format` layout it writes."""
 
 
 def block_factors(rows: int, cols: int, max_side: int) -> tuple[int, int]:
@@ -135,7 +153,7 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from sparsify_exp.runner.tracking import store as tr
+    from sparsify_exp.runner.tracking.keys import name_file_stem
 
     out.mkdir(parents=True, exist_ok=True)
     for name in two_d:
@@ -174,5 +192,61 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         bar.set_label("fraction kept (white: all kept, black: all zeroed)")
         bar.ax.set_yticklabels(["0%", "25%", "50%", "75%", "100%"])
         fig.tight_layout()
-        fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
+        with atomic_path(out / f"{name_file_stem(name)}.png", fsync=False) as tmp:
+            fig.savefig(tmp, format="png")
     return len(two_d)
+
+
+# ----------------------------------------------------------------------------- serving sizes
+
+
+def embedding_tables(bundle: Any) -> dict[str, Any]:
+    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
+    written under: embedding modules of the named data, and a model's embedding submodules."""
+    from torch import nn
+
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
+    if bundle.model is not None:
+        for prefix, module in bundle.model.named_modules():
+            if isinstance(module, kinds) and module not in tables.values():
+                tables[f"{prefix}.weight" if prefix else "weight"] = module
+    return tables
+
+
+def quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
+    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
+    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
+    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
+    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
+
+    total = 0
+    for name, t in bundle.tensors().items():
+        if name not in tables:
+            total += t.numel() * t.element_size()
+    for name, module in tables.items():
+        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
+            module = copy.deepcopy(module).cpu()
+        qweight = quantize_embedding(module).weight()  # the table as it would be served
+        rows = qweight.q_per_channel_scales().numel()
+        entries = kept.get(name, qweight.numel())
+        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
+    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
+    return float(total)
+
+
+def compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
+    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
+    an index remap (what serving the sparsified tables costs)."""
+    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
+    log.info(
+        "rows kept: %s of %s; compacted to kept rows + remap: %s",
+        f"{sum(c.num_rows for c in compact.values()):,}",
+        f"{sum(c.remap.numel() for c in compact.values()):,}",
+        human_bytes(sum(c.nbytes for c in compact.values())),
+    )
+    return {
+        "rows/kept": float(sum(c.num_rows for c in compact.values())),
+        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
+        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
+    }

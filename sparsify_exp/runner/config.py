@@ -149,6 +149,7 @@ def _tracking_uri(uri: str | None) -> str | None:
 
 class OutputConfig(_Node):
     write_data: bool = True
+    format: Literal["dense", "bitmask", "rows"] = "dense"
     progress: Literal["auto", "bar", "log", "none"] = "auto"
     quantize: bool = False
 

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class _Sweep:
     prev_env: str | None
     pick: dict[str, Any] = field(default_factory=dict)
     swept: list[str] = field(default_factory=list)
+    beater: Any = None
 
 
 _ACTIVE_SWEEP: _Sweep | None = None
@@ -156,12 +158,12 @@ class SweepCallback(Callback):
         except StoreUnreachable as e:  # every job would fail the same way: stop here
             sys.stderr.write(f"{e}\n")
             raise SystemExit(1) from None
-        except Exception as e:  # Hydra would downgrade it to a warning: say what it means
-            log.error(
-                "could not create the sweep's parent run (%s: %s); jobs log without a parent",
-                type(e).__name__,
-                e,
+        except Exception as e:  # Hydra would downgrade it to a warning: stop before any job
+            sys.stderr.write(
+                f"could not create the sweep's parent run ({tr.failure_reason(e)}); "
+                "no job was started\n"
             )
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish_sweep()
@@ -244,16 +246,21 @@ def _sweeper_problems(config: DictConfig) -> list[str]:
 
 def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     global _ACTIVE_SWEEP
-    from mlflow.tracking import MlflowClient
 
-    from sparsify_exp.runner.tracking import reachability
+    from sparsify_exp.runner.tracking import heartbeat, reachability
 
     launch = Path(config.hydra.runtime.cwd)
     uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
     reachability.configure_http(uri, float(config.mlflow.request_timeout_s))
     reachability.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
-    client = MlflowClient(tracking_uri=uri)
+    client = tr.open_client(uri)
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
+    heartbeat_s = float(config.mlflow.get("heartbeat_s") or 30)
+    try:  # a sweep killed earlier left its parent RUNNING: mark it now
+        stale_s = config.mlflow.get("heartbeat_stale_s") or 10 * heartbeat_s
+        heartbeat.reap_dead_runs(client, exp_id, float(stale_s))
+    except Exception as e:  # never stops a sweep: the next start tries again
+        log.warning("could not check for runs whose process died: %s", e)
     sweep_dir = str(absolute_under(launch, config.hydra.sweep.dir))
     overrides = " ".join(config.hydra.overrides.task)
     for key in TRIAL_BUDGET_KEYS:
@@ -277,6 +284,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         ).rsplit(".", 1)[-1],
         **tr.git_info(Path(__file__).resolve().parent),
         **{str(k): str(v) for k, v in (config.mlflow.get("tags") or {}).items()},
+        heartbeat.HEARTBEAT_TAG: str(int(time.time())),
     }
     run_id = tr.start_sweep_run(
         client, exp_id, sweep_dir, {k: v for k, v in tags.items() if v is not None}
@@ -297,6 +305,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         prev,
         OmegaConf.to_container(pick) if pick is not None else {},  # type: ignore[arg-type]
         [k for k, _ in _swept(config)],
+        heartbeat.Beater(client, run_id, heartbeat_s),
     )
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
@@ -328,11 +337,10 @@ def objective(cfg: DictConfig, run_id: str) -> float:
     ``objective.infeasible`` when a metric in ``objective.max`` ended above its bound (or is
     missing: a warning names it). NaN when the run has no ``objective.metric`` (optuna then
     marks the trial failed)."""
-    from mlflow.tracking import MlflowClient
 
     spec: Mapping[str, Any] = cfg.get("objective") or {}
     uri = tr.resolve_tracking_uri(cfg.mlflow.tracking_uri, _launch_dir())
-    metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    metrics = tr.open_client(uri).get_run(run_id).data.metrics
     metric = str(spec.get("metric", tr.SPARSITY_KEY))
     bounds = {str(k): float(v) for k, v in (spec.get("max") or {}).items()}
     missing = [k for k in (metric, *bounds) if k not in metrics]
@@ -363,17 +371,18 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
     sweep, _ACTIVE_SWEEP = _ACTIVE_SWEEP, None
     if sweep is None:
         return
-    from mlflow.tracking import MlflowClient
 
     from sparsify_exp.runner.sweep.report import ARTIFACT_DIR as REPORT_DIR
     from sparsify_exp.runner.sweep.report import write_sweep_report
 
+    if sweep.beater is not None:
+        sweep.beater.stop()
     os.environ.pop(tr.SWEPT_ENV, None)
     if sweep.prev_env is None:
         os.environ.pop(tr.PARENT_ENV, None)
     else:
         os.environ[tr.PARENT_ENV] = sweep.prev_env
-    client = MlflowClient(tracking_uri=sweep.uri)
+    client = tr.open_client(sweep.uri)
     stopped = aborted is not None and is_stop(aborted)
     try:
         _, children = tr.find_sweep_runs(client, sweep.run_id)

@@ -11,14 +11,15 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pandas as pd
 
 from sparsify_exp.runner.tracking.store import COMPRESSED_BYTES_KEY, DENSE_BYTES_KEY, SPARSITY_KEY
 
-if TYPE_CHECKING:
-    from sparsify_exp.runner.sweep.report import SweepReport
+#: A :class:`~sparsify_exp.runner.sweep.report.SweepReport` (not imported: the report
+#: imports this module).
+SweepReport = Any
 
 MAX_PANELS = 9
 #: A timing ratio's axis spans at least this around 1 (sparse / dense).

@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_log and not args.out:
         parser.error("--no-log needs --out")
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    client = tr.open_client(args.tracking_uri)
     if client.get_experiment_by_name(args.experiment) is None:
         return _fail(f"no experiment named {args.experiment!r}")
     if args.parent:

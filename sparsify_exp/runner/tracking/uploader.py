@@ -27,6 +27,8 @@ log = logging.getLogger("sparsify_exp.runner")
 #: Metrics sent in one ``log_batch`` call (the client splits it into requests of 1000).
 METRICS_PER_CALL = 5000
 SYNC_MODULE = "sparsify_exp.sync"
+#: On a run whose store refused records (kept in the spool's ``rejected.jsonl``).
+REJECTED_TAG = "sparsify.rejected"
 
 
 # --------------------------------------------------------------------------- uploading
@@ -143,14 +145,15 @@ class Uploader:
         self.rejected.append(reason)
         if record.get("kind") == "end":
             self.ended = {**record, "rejected": reason}
-        log.error(
-            "the tracking store refused record %s of run %s (%s; kept in %s): %s",
-            record.get("seq"),
-            self.run_id,
-            record.get("kind"),
-            self.spool.path / REJECTED_FILE,
-            reason,
-        )
+        if len(self.rejected) == 1:  # once: a family of bad keys would repeat it every step
+            log.warning(
+                "the tracking store refused a %s record of run %s (%s); the run goes on, "
+                "refused records are kept in %s",
+                record.get("kind"),
+                self.run_id,
+                reason,
+                self.spool.path / REJECTED_FILE,
+            )
 
     def _apply(self, group: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
@@ -180,11 +183,12 @@ class Uploader:
     def _apply_end(self, record: dict[str, Any]) -> None:
         up = self.upstream
         status, reason = str(record["status"]), record.get("reason")
-        if self.rejected and status == "FINISHED":
-            status = "FAILED"
-            reason = (
-                f"StoreRejected: the tracking store refused {len(self.rejected)} record(s) "
-                f"(first: {self.rejected[0]})"
+        if self.rejected:  # said once when it happened; on the run for whoever looks
+            up.set_tags(
+                {
+                    REJECTED_TAG: f"{len(self.rejected)} record(s) refused by the store "
+                    f"(first: {self.rejected[0]})"[:5000]
+                }
             )
         if self.maybe_reaped and not reason:  # marked dead while away? it was not
             stale = up.client.get_run(up.run_id).data.tags.get(tr.FAILURE_TAG, "")
