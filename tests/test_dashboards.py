@@ -219,6 +219,7 @@ def test_the_trade_off_page_draws_the_bound_and_the_pick(sweep):
     assert "bound: at most 0.6" in html
     assert f"pick: {parent.data.tags['sparsify.pick']}" in html
     assert "fidelity_rel_error vs sparsity" in html and "parcoords" in html
+    assert "[1,1] = [1,4]: the same points" in html  # both block shapes: the same sizes
     assert json.loads(parent.data.tags["sparsify.pick_bounds"]) == {
         "_summary/fidelity_rel_error": ["<=", 0.6]
     }

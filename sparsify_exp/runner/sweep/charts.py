@@ -61,7 +61,7 @@ def write_tradeoff(
     fig = make_subplots(
         rows=rows, cols=cols, subplot_titles=[f"{_label(k)} vs sparsity" for k in panels]
     )
-    groups = frame.groupby(series, sort=False) if series is not None else [("runs", frame)]
+    groups = list(frame.groupby(series, sort=False)) if series is not None else [("runs", frame)]
     for i, key in enumerate(panels):
         row, col = i // cols + 1, i % cols + 1
         for j, (name, group) in enumerate(groups):
@@ -99,6 +99,18 @@ def write_tradeoff(
                 row=row,
                 col=col,
             )
+        same = _coinciding(groups, key)
+        if same:  # one line hides the other: say so on the panel
+            fig.add_annotation(
+                text=f"{same}: the same points",
+                xref="x domain" if i == 0 else f"x{i + 1} domain",
+                yref="y domain" if i == 0 else f"y{i + 1} domain",
+                x=0.02,
+                y=0.02,
+                showarrow=False,
+                font={"size": 11, "color": "#555"},
+                xanchor="left",
+            )
         if key in bounds:
             op, bound = bounds[key]
             fig.add_hline(
@@ -119,6 +131,17 @@ def write_tradeoff(
         f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>{html}</body></html>"
     )
     return True
+
+
+def _coinciding(groups: Sequence[tuple[Any, pd.DataFrame]], key: str) -> str:
+    """``a = b`` for the first series whose points for ``key`` equal another's, else ""."""
+    seen: dict[tuple, str] = {}
+    for name, group in groups:
+        pts = tuple(map(tuple, group[[SPARSITY, key]].dropna().round(9).values.tolist()))
+        if pts and pts in seen:
+            return f"{seen[pts]} = {name}"
+        seen.setdefault(pts, str(name))
+    return ""
 
 
 def _colour(i: int) -> str:
