@@ -168,7 +168,8 @@ def test_the_parent_answers_the_sweep(sweep):
 
 
 def test_each_job_ends_with_one_short_line_and_no_heartbeat(sweep):
-    proc, _, _, children = sweep
+    proc, _, parent, children = sweep
+    assert "sparsify.heartbeat" not in parent.data.tags
     lines = (proc.stdout + proc.stderr).splitlines()
     for child in children:
         (line,) = [x for x in lines if f"] - {child.info.run_name}: sparsity " in x]
