@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
+from sparsify_exp.runner import methods
 from sparsify_exp.runner.artifacts import (
     SPARSE_LAYOUTS,
     compacted_rows,
@@ -170,7 +171,11 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
         swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k]
         default_name = tr.swept_run_name(job.overrides, swept) or job.override_dirname
     tags = {
-        **{f"{tr.CHOICE_TAG_PREFIX}{k}": v for k, v in job.choices.items()},
+        **{  # method=none (no preset) says nothing: the sparsifier tag says it all
+            f"{tr.CHOICE_TAG_PREFIX}{k}": v
+            for k, v in job.choices.items()
+            if (k, v) != (methods.GROUP, methods.NO_METHOD)
+        },
         tr.OVERRIDES_TAG: " ".join(job.overrides),
         "sparsify.job_dir": str(job.output_dir),
         tr.EVALUATORS_TAG: ",".join(evaluator_nodes(c.get("eval"))),
