@@ -428,6 +428,9 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
             client.set_terminated(sweep.run_id, "KILLED" if stopped else "FAILED")
         else:
             client.set_terminated(sweep.run_id, "FINISHED")
+        from sparsify_exp.runner.tracking import heartbeat
+
+        heartbeat.delete_tags(client, sweep.run_id, heartbeat.HEARTBEAT_TAG)  # ended: no beat
         parent = client.get_run(sweep.run_id)
         exp_id = parent.info.experiment_id
         url = (
