@@ -11,14 +11,12 @@ the run FAILED (KILLED for Ctrl-C) with the reason, uploads what it had, and re-
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
 import os
 import time
 import traceback
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.masks import save_masks
 from sparsify_exp.runner.artifacts import (
-    SPARSE_LAYOUTS,
+    compacted_rows,
+    drop_data,
+    embedding_tables,
+    keep_mode,
     mask_images,
+    quantized_bytes,
     storage_sizes,
+    write_data,
     write_table,
 )
 from sparsify_exp.runner.build import Built, build
@@ -38,6 +41,7 @@ from sparsify_exp.runner.context import JobInfo, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
+from sparsify_exp.runner.sweep.keep import link_logged_data
 from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
@@ -48,7 +52,7 @@ from sparsify_exp.runner.tracking.tracker import SpoolTracker
 from sparsify_exp.runner.train import checkpoint, resume
 from sparsify_exp.runner.train.loop import MaskedForward, TrainContext, remask
 from sparsify_exp.runner.validate import validate
-from sparsify_exp.sparsifier.row import RowSparsifier, compact_rows
+from sparsify_exp.sparsifier.row import RowSparsifier
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -91,6 +95,9 @@ def run(cfg: DictConfig) -> str:
         raise
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
+    if c["mlflow"]["log_data"]:  # one copy on disk: the job folder's links to the artifact
+        with contextlib.suppress(Exception):
+            link_logged_data(tracker.upstream.client, tracker.run_id, job.output_dir)
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
         exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
         log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
@@ -357,7 +364,7 @@ def _execute(
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
     mapped = built.bundle.mapped  # memory-mapped data: packed masks, the data never written
-    rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
+    rows = compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
     out_format = c["output"].get("format", "dense")
@@ -368,42 +375,23 @@ def _execute(
         )
     final_masks = {n: sp.get_mask(n).detach() for n in names} if out_format != "dense" else {}
     sp.squash_mask(leave_parametrized=mapped is None)
-    tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
+    tables = embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
         raise RuntimeError("output.quantize=true: the data has no embedding tables")
 
     # ---- the sparsified data, in the input's format, and what it costs on disk
     sizes = storage_sizes(built.bundle, built.added, kept)
     if tables:
-        sizes["size/quantized_bytes"] = _quantized_bytes(built.bundle, tables, kept)
-    if c["output"]["write_data"]:
-        data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if out_format == "dense":
-            path = built.bundle.save(data_dir / "sparsified", masks=sp)
-            file_bytes = path.stat().st_size
-            sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
-            sizes["size/dense_bytes"] = file_bytes
-            log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
-        else:
-            path, layouts = built.bundle.save_sparse(
-                data_dir / "sparsified", final_masks, SPARSE_LAYOUTS[out_format]
-            )
-            sizes["size/compressed_bytes"] = float(path.stat().st_size)
-            log.info(
-                "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
-                "load it with sparsify_exp.load_sparse)",
-                out_format,
-                ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
-                path,
-                human_bytes(sizes["size/compressed_bytes"]),
-            )
-        log.info(
-            "%s",
-            "it is also logged as the run's artifact data/"
-            if m["log_data"]
-            else "not logged to MLflow (mlflow.log_data=false)",
-        )
+        sizes["size/quantized_bytes"] = quantized_bytes(built.bundle, tables, kept)
+    keep = keep_mode(c["output"]["write_data"], job.multirun)
+    if keep != "no":
+        logged = m["log_data"] and keep == "yes"
+        data_dir = artifacts / "data" if logged else job.output_dir / "data"
+        path = write_data(built.bundle, sp, final_masks, out_format, data_dir, sizes)
+        if keep == "measure":
+            drop_data(path)
+        elif logged:
+            log.info("it is also logged as the run's artifact data/")
     sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
         sizes["size/compressed_bytes"], 1
     )
@@ -426,58 +414,6 @@ def _execute(
         human_bytes(sizes["size/dense_bytes"]),
         human_bytes(sizes["size/compressed_bytes"]),
     )
-
-
-def _embedding_tables(bundle: Any) -> dict[str, Any]:
-    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
-    written under: embedding modules of the named data, and a model's embedding submodules."""
-    from torch import nn
-
-    kinds = (nn.Embedding, nn.EmbeddingBag)
-    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
-    if bundle.model is not None:
-        for prefix, module in bundle.model.named_modules():
-            if isinstance(module, kinds) and module not in tables.values():
-                tables[f"{prefix}.weight" if prefix else "weight"] = module
-    return tables
-
-
-def _quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
-    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
-    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
-    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
-    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
-
-    total = 0
-    for name, t in bundle.tensors().items():
-        if name not in tables:
-            total += t.numel() * t.element_size()
-    for name, module in tables.items():
-        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
-            module = copy.deepcopy(module).cpu()
-        qweight = quantize_embedding(module).weight()  # the table as it would be served
-        rows = qweight.q_per_channel_scales().numel()
-        entries = kept.get(name, qweight.numel())
-        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
-    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
-    return float(total)
-
-
-def _compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
-    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
-    an index remap (what serving the sparsified tables costs)."""
-    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
-    log.info(
-        "rows kept: %s of %s; compacted to kept rows + remap: %s",
-        f"{sum(c.num_rows for c in compact.values()):,}",
-        f"{sum(c.remap.numel() for c in compact.values()):,}",
-        human_bytes(sum(c.nbytes for c in compact.values())),
-    )
-    return {
-        "rows/kept": float(sum(c.num_rows for c in compact.values())),
-        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
-        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
-    }
 
 
 def upload_artifacts(tracker: tr.RunTracker, artifacts: Path, job: JobInfo) -> None:

@@ -72,6 +72,7 @@ class _Sweep:
     prev_env: str | None
     pick: dict[str, Any] = field(default_factory=dict)
     swept: list[str] = field(default_factory=list)
+    write_data: Any = "auto"
 
 
 _ACTIVE_SWEEP: _Sweep | None = None
@@ -284,6 +285,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         prev,
         OmegaConf.to_container(pick) if pick is not None else {},  # type: ignore[arg-type]
         [k for k, _ in _swept(config)],
+        OmegaConf.select(config, "output.write_data", default="auto"),
     )
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
@@ -360,6 +362,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         return
     from mlflow.tracking import MlflowClient
 
+    from sparsify_exp.runner.sweep.keep import keep_pick
     from sparsify_exp.runner.sweep.report import ARTIFACT_DIR as REPORT_DIR
     from sparsify_exp.runner.sweep.report import write_sweep_report
 
@@ -383,6 +386,12 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(children) - failed))
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
         answer = _log_pick(client, sweep, children)  # first: the report marks the pick
+        pick_id = client.get_run(sweep.run_id).data.tags.get("sparsify.pick_run_id")
+        if pick_id and sweep.write_data == "auto":  # the jobs measured their checkpoints only
+            try:
+                keep_pick(client, pick_id)
+            except Exception as e:
+                log.warning("could not write the pick's checkpoint: %s", e)
         try:
             write_sweep_report(client, sweep.run_id)
         except Exception as e:
