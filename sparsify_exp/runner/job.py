@@ -95,9 +95,8 @@ def run(cfg: DictConfig) -> str:
         raise
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
-    if c["mlflow"]["log_data"]:  # one copy on disk: the job folder's links to the artifact
-        with contextlib.suppress(Exception):
-            link_logged_data(tracker.upstream.client, tracker.run_id, job.output_dir)
+    with contextlib.suppress(Exception):  # one copy on disk: the job folder's links to it
+        link_logged_data(tracker.upstream.client, tracker.run_id, job.output_dir)
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
         exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
         log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))

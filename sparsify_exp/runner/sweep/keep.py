@@ -7,8 +7,8 @@ logged to the pick's run. Any other job's checkpoint is one command away::
 
     python -m sparsify_exp.materialize <job dir> [--format bitmask] [--log]
 
-Where the MLflow artifact store is a local folder, the job folder's copy of a logged
-checkpoint becomes a symbolic link to the artifact: one copy on disk.
+Where the MLflow artifact store is a local folder, the job folder's copy of each logged file
+(masks, checkpoint, tables) becomes a symbolic link to the artifact: one copy on disk.
 """
 
 from __future__ import annotations
@@ -67,15 +67,16 @@ def _local_artifacts(artifact_uri: str) -> Path | None:
 
 
 def link_logged_data(client: Any, run_id: str, job_dir: Path) -> int:
-    """Replaces the job folder's files under ``artifacts/data`` by symbolic links to their
-    logged copies when the artifact store is a local folder; returns the files linked."""
-    local = Path(job_dir) / DATA
+    """Replaces the job folder's files under ``artifacts/`` (masks, checkpoint, tables) by
+    symbolic links to their logged copies when the artifact store is a local folder; returns
+    the files linked. A file whose logged copy is missing or differs in size stays."""
+    local = Path(job_dir) / "artifacts"
     store = _local_artifacts(client.get_run(run_id).info.artifact_uri)
     if store is None or not local.is_dir():
         return 0
     linked = 0
     for file in sorted(p for p in local.rglob("*") if p.is_file() and not p.is_symlink()):
-        target = store / "data" / file.relative_to(local)
+        target = store / file.relative_to(local)
         if target.is_file() and target.stat().st_size == file.stat().st_size:
             file.unlink()
             file.symlink_to(target)
