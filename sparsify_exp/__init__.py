@@ -2,6 +2,7 @@
 and an experiment runner in :mod:`sparsify_exp.runner` (Hydra, MLflow), loaded only when run.
 """
 
+from sparsify_exp.calibration import CalibrationStats, StatsCollector, collect
 from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.masks import load_masks, save_masks
 from sparsify_exp.quantize import post_training_sparse_quantize
@@ -30,10 +31,12 @@ from sparsify_exp.sparsifier import (
     pack_mask,
     unpack_mask,
 )
+from sparsify_exp.sparsifier.wanda import WandaSparsifier
 
 __all__ = [
     "BaseDataScheduler",
     "BaseDataSparsifier",
+    "CalibrationStats",
     "CompactRows",
     "ConfigValueError",
     "ConstantScheduler",
@@ -49,7 +52,10 @@ __all__ = [
     "ShardError",
     "ShardedDataNormSparsifier",
     "ShardedMagnitudeSparsifier",
+    "StatsCollector",
     "StepScheduler",
+    "WandaSparsifier",
+    "collect",
     "compact_rows",
     "count_nonfinite",
     "load_masks",

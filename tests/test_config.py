@@ -64,6 +64,10 @@ def test_every_option_composes_validates_and_builds(group, option, weights):
         return
     if option == "file":
         overrides.append(f"data.path={weights}")
+    if group == "data" and option == "hf":
+        from hf_models import tiny_bert
+
+        overrides.append(f"data.path={tiny_bert(weights.parent / 'bert')}")
     if group == "eval" and option == "task":
         overrides.append("eval.task.fn=sparsify_exp.runner.examples.digits.accuracy")
     if group == "eval" and option in ("task", "digits_accuracy"):

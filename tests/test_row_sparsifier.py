@@ -197,3 +197,93 @@ def test_a_bad_per_name_level_names_the_data():
     sp = RowSparsifier()
     with pytest.raises(ConfigValueError, match=r"'tables\.user'"):
         sp.add_data("tables.user", torch.randn(4, 4), sparsity_level=2)
+
+
+# ---------------------------------------------------------------- score = usage
+
+
+def usage_mask(data, counts, level, score="usage", **kwargs) -> torch.Tensor:
+    sp = RowSparsifier(sparsity_level=level, score=score, **kwargs)
+    sp.add_data("t", data, row_counts=counts)
+    sp.step()
+    return sp.get_mask("t").clone()
+
+
+def test_usage_removes_the_least_used_rows_whatever_their_norm():
+    data = torch.tensor([[0.1], [5.0], [0.2], [9.0], [0.3]])
+    counts = torch.tensor([50, 0, 7, 1, 3])
+    mask = usage_mask(data, counts, 0.6)
+    # counts 0, 1, 3 go: the large rows 1 and 3 and row 4; norm would remove 0, 2, 4
+    assert mask[:, 0].tolist() == [True, False, True, False, False]
+    assert usage_mask(data, counts, 0.6, score="norm")[:, 0].tolist() == [
+        False, True, False, True, False,
+    ]  # fmt: skip
+
+
+def test_equal_counts_go_by_position_or_by_norm():
+    data = torch.tensor([[4.0], [1.0], [3.0], [2.0], [0.5]])
+    counts = torch.tensor([0, 0, 0, 0, 9])
+    assert usage_mask(data, counts, 0.4)[:, 0].tolist() == [False, False, True, True, True]
+    by_norm = usage_mask(data, counts, 0.4, score="usage_then_norm")
+    assert by_norm[:, 0].tolist() == [True, False, True, False, True]
+
+
+def test_usage_then_norm_on_a_table_with_nan_rows():
+    gen = torch.Generator().manual_seed(3)
+    data = torch.randn(1000, 8, generator=gen)
+    data[5, 0] = NAN
+    counts = torch.randint(0, 4, (1000,), generator=gen)
+    counts[5] = 0
+    assert int((counts == 0).sum()) > 200
+    mask = usage_mask(data, counts, 0.2, score="usage_then_norm", norm="L2")
+    scores = data.double().square().sum(1)
+    keys = sorted(
+        range(1000), key=lambda i: (int(counts[i]), INF if i == 5 else float(scores[i]), i)
+    )
+    expected = torch.ones(1000, dtype=torch.bool)
+    expected[keys[:200]] = False
+    assert torch.equal(mask.all(1), expected)
+    assert bool(mask[5].all())  # the NaN row is the last of the unused rows
+
+
+def test_usage_packed_mask_state_dict_and_embedding_bag():
+    from sparsify_exp.sparsifier.packed_mask import PackedMask
+
+    gen = torch.Generator().manual_seed(4)
+    table = nn.EmbeddingBag(300, 16, mode="sum")
+    counts = torch.randint(0, 100, (300,), generator=gen)
+    dense = usage_mask(table.weight, counts, 0.5)
+    sp = RowSparsifier(sparsity_level=0.5, score="usage")
+    sp.add_data("emb.weight", table.weight, row_counts=counts, mask=PackedMask.full((300, 16)))
+    sp.step()
+    assert torch.equal(sp.get_mask("emb.weight").unpack(), dense)
+    buffer = io.BytesIO()
+    sp2 = RowSparsifier(sparsity_level=0.5, score="usage")
+    sp2.add_data("emb.weight", table, row_counts=counts)
+    sp2.step()
+    torch.save(sp2.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = RowSparsifier(score="usage")
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    loaded.get_mask("emb.weight").fill_(True)
+    loaded.step()
+    assert torch.equal(loaded.get_mask("emb.weight"), dense)
+    assert loaded.calibration_needs == ("row_counts",)
+    assert RowSparsifier().calibration_needs == ()
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({}, r"data 't': row_counts=None: score=usage needs"),
+        ({"row_counts": torch.ones(4)}, r"one count a row: 5"),
+        ({"row_counts": -torch.ones(5)}, r"counts must be >= 0"),
+        ({"row_counts": torch.ones(5, 1)}, r"1-D real tensor"),
+    ],
+)
+def test_bad_usage_config_names_the_key(config, match):
+    sp = RowSparsifier(score="usage")
+    with pytest.raises(ConfigValueError, match=match):
+        sp.add_data("t", torch.randn(5, 2), **config)
+    with pytest.raises(ConfigValueError, match="score='often'"):
+        RowSparsifier(score="often")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sparsify_exp.atomic import atomic_path
 from sparsify_exp.runner.progress import human_bytes
 from sparsify_exp.sparsifier.row import compact_rows
 
@@ -47,12 +48,13 @@ def write_table(
 ) -> None:
     """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity and
     what the evaluators measured of it, each column named like the metric family whose first
-    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...)."""
+    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...);
+    then the 0-size floating tensors (kind ``empty``: nothing to sparsify, written as is)."""
     from sparsify_exp.runner.data import as_tensor
 
     measured = measured or {}
     columns = list(dict.fromkeys(c for row in measured.values() for c in row))
-    with path.open("w", newline="") as f:
+    with atomic_path(path, fsync=False) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity", *columns])
         for name, obj in bundle.named_data.items():
@@ -70,6 +72,11 @@ def write_table(
                     *(f"{row[c]:.6g}" if c in row else "" for c in columns),
                 ]
             )
+        for name, t in bundle.extra_tensors.items():  # written as they are: nothing to mask
+            if t.numel() == 0 and t.is_floating_point():
+                shape = "x".join(str(s) for s in t.shape)
+                dtype = str(t.dtype).removeprefix("torch.")
+                w.writerow([name, "empty", shape, 0, dtype, False, "", *("" for _ in columns)])
 
 
 def storage_sizes(
@@ -258,7 +265,7 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    from sparsify_exp.runner.tracking import store as tr
+    from sparsify_exp.runner.tracking.keys import name_file_stem
 
     out.mkdir(parents=True, exist_ok=True)
     cmap = colormaps["viridis_r"].with_extremes(bad="white")
@@ -296,5 +303,6 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         ax.set_ylabel("row")
         fig.colorbar(im, ax=ax, label="fraction pruned (white: all kept)")
         fig.tight_layout()
-        fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
+        with atomic_path(out / f"{name_file_stem(name)}.png", fsync=False) as tmp:
+            fig.savefig(tmp, format="png")
     return len(two_d)

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
 from sparsify_exp.runner.artifacts import (
     compacted_rows,
@@ -37,12 +38,12 @@ from sparsify_exp.runner.artifacts import (
 )
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
-from sparsify_exp.runner.context import JobInfo, job_info
+from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
 from sparsify_exp.runner.sweep.keep import link_logged_data
-from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
+from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker, headline
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
 from sparsify_exp.runner.tracking import store as tr
@@ -70,10 +71,38 @@ def run(cfg: DictConfig) -> str:
     if c.get("resume"):  # the stopped run's own config, job folder and MLflow run
         uri = tr.resolve_tracking_uri(c["mlflow"]["tracking_uri"], job.launch_dir)
         resumed = resume.locate(str(c["resume"]), uri)
-        sync(resumed.job_dir, out=log.info)  # what the stopped process had not uploaded
+        lock = _claim(resumed.job_dir, "resuming", f"resume={c['resume']}")
         c = {**resumed.config, "resume": c["resume"]}
         cfg = OmegaConf.create(c)
         job = dataclasses.replace(job, output_dir=resumed.job_dir)
+    else:
+        key = "hydra.sweep.dir" if job.multirun else "hydra.run.dir"
+        lock = _claim(job.output_dir, "running", key)
+    try:
+        removed = remove_leftovers(job.output_dir)  # partial files of a killed process
+        if removed:
+            log.info("removed %d partial file(s) a stopped process left", len(removed))
+        if resumed is not None:
+            sync(resumed.job_dir, out=log.info)  # what the stopped process had not uploaded
+        return _run(cfg, c, job, resumed)
+    finally:
+        lock.release()
+
+
+def _claim(job_dir: Path, what: str, key: str) -> JobLock:
+    """This process's hold on ``job_dir``; a config error naming the process holding it."""
+    try:
+        return JobLock(job_dir, what)
+    except JobFolderBusy:
+        raise ConfigError(
+            [
+                f"{key}: job folder {job_dir} is in use ({holder(job_dir)}); wait for that "
+                "process to end or stop it"
+            ]
+        ) from None
+
+
+def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
     tracker = start_run(c, job, resume_run_id=resumed.run_id if resumed else None)
     artifacts = job.output_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -86,7 +115,7 @@ def run(cfg: DictConfig) -> str:
     except BaseException as e:
         status = "KILLED" if is_stop(e) else "FAILED"
         try:
-            (artifacts / "error.txt").write_text(traceback.format_exc())
+            atomic_write_text(artifacts / "error.txt", traceback.format_exc())
             upload_artifacts(tracker, artifacts, job)
         except Exception as log_error:  # the store may be what failed
             log.warning("could not log the artifacts of the failed run: %s", log_error)
@@ -98,8 +127,12 @@ def run(cfg: DictConfig) -> str:
     with contextlib.suppress(Exception):  # one copy on disk: the job folder's links to it
         link_logged_data(tracker.upstream.client, tracker.run_id, job.output_dir)
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
-        exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
-        log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
+        ended = tracker.upstream.client.get_run(tracker.run_id)
+        if job.multirun:  # short: the sweep's own last line has the link
+            log.info("%s: %s", ended.info.run_name, headline(ended.data.metrics))
+        else:
+            page = run_page(tracker.uri, ended.info.experiment_id, tracker.run_id)
+            log.info("run %s: %s", tracker.run_id, page)
     return tracker.run_id
 
 
@@ -111,7 +144,6 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
     Raises :class:`~.tracking.reachability.StoreUnreachable` ("tracking server <uri>
     unreachable: ...") within seconds when an HTTP store does not answer.
     """
-    from mlflow.tracking import MlflowClient
 
     m = c["mlflow"]
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
@@ -122,7 +154,7 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
         reachability.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
     else:  # a single run says so at once
         reachability.check_reachable(uri, timeout_s)
-    client = MlflowClient(tracking_uri=uri)
+    client = tr.open_client(uri)
     with reachability.unreachable_as_error(uri):
         exp_id = tr.ensure_experiment(client, m["experiment"])
         try:
@@ -184,11 +216,13 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
 
 
 def _log_config(tracker: tr.RunTracker, c: Mapping[str, Any], job: JobInfo, artifacts: Path):
-    tracker.log_params(tr.flatten(c))
+    # a swept group (method=magnitude,nm_2_4) as a param too: the UI's charts axes are params
+    swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k in job.choices]
+    tracker.log_params({**tr.flatten(c), **{g: str(job.choices[g]) for g in swept}})
     cfg_dir = artifacts / "config"
     cfg_dir.mkdir(exist_ok=True)
-    OmegaConf.save(c, cfg_dir / "config.yaml")
-    (cfg_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(job.overrides)))
+    atomic_write_text(cfg_dir / "config.yaml", OmegaConf.to_yaml(c))
+    atomic_write_text(cfg_dir / "overrides.yaml", OmegaConf.to_yaml(list(job.overrides)))
 
 
 def _hook(evaluators: Mapping[str, Any], hook: str, ctx: Any) -> dict[str, float]:
@@ -321,12 +355,14 @@ def _execute(
     every = (c.get("eval") or {}).get(EVAL_EVERY)
     train_steps = int(c["train"]["steps_per_step"])
     checkpoint_every = int((c.get("checkpoint") or {}).get("every") or 0)
+    mapped = built.bundle.mapped  # a read-only memory map: never written, not checkpointed
     last: dict[str, float] = {}
     try:
         with MaskedForward(built.bundle.model if built.train_fn else None, sp):
             start = 0
             if state is not None:
-                start = checkpoint.restore(state, sp, built.scheduler, built.bundle.model) + 1
+                model = built.bundle.model
+                start = 1 + checkpoint.restore(state, sp, built.scheduler, model, bool(mapped))
                 measure.prime(sp)
                 log.info("resumed at step %d of %d from %s", start, steps, job.output_dir)
             for k in range(start, steps):
@@ -345,7 +381,8 @@ def _execute(
                     save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
                 if checkpoint_every and (k + 1) % checkpoint_every == 0 and k < steps - 1:
                     tracker.flush()  # the store has every step the checkpoint holds
-                    checkpoint.save(job.output_dir, k, sp, built.scheduler, built.bundle.model)
+                    model = built.bundle.model
+                    checkpoint.save(job.output_dir, k, sp, built.scheduler, model, bool(mapped))
                 progress.update(k, last)
     finally:
         progress.close()
@@ -362,7 +399,6 @@ def _execute(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
-    mapped = built.bundle.mapped  # memory-mapped data: packed masks, the data never written
     rows = compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
@@ -391,8 +427,8 @@ def _execute(
             drop_data(path)
         elif logged:
             log.info("it is also logged as the run's artifact data/")
-    sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
-        sizes["size/compressed_bytes"], 1
+    sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
+        sizes["size/dense_bytes"], 1
     )
     sizes.update(rows)
     tracker.log_metrics(sizes, step=final)

@@ -19,6 +19,7 @@ from sparsify_exp.sparsifier.sharded import (
     ShardedMagnitudeSparsifier,
     ShardError,
 )
+from sparsify_exp.sparsifier.wanda import WandaSparsifier
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -35,6 +36,7 @@ __all__ = [
     "ShardedDataNormSparsifier",
     "ShardedMagnitudeSparsifier",
     "UnsupportedDataTypeError",
+    "WandaSparsifier",
     "compact_rows",
     "count_nonfinite",
     "pack_mask",

@@ -130,6 +130,10 @@ class BaseDataSparsifier(abc.ABC):
         >>> sp.step(); sp.squash_mask()
     """
 
+    #: statistics of calibration data each name needs in its ``add_data`` config (keys of
+    #: :data:`sparsify_exp.calibration.NEEDS`); a runner collects them before the first step
+    calibration_needs: tuple[str, ...] = ()
+
     def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, **defaults: Any):
         self.defaults: dict[str, Any] = defaults
         self.state: dict[str, dict[str, Any]] = defaultdict(dict)

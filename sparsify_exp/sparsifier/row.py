@@ -1,5 +1,5 @@
-"""RowSparsifier: removes whole rows (embedding vectors) of lowest norm; compact_rows drops
-them from the table for good."""
+"""RowSparsifier: removes whole rows (embedding vectors) of lowest norm or least use;
+compact_rows drops them from the table for good."""
 
 from __future__ import annotations
 
@@ -8,13 +8,58 @@ from typing import Any, NamedTuple
 
 import torch
 
+from sparsify_exp.errors import ConfigValueError
 from sparsify_exp.sparsifier import block_ops
 from sparsify_exp.sparsifier.base import BaseDataSparsifier, _extract_weight
 from sparsify_exp.sparsifier.checks import check_level, check_norm, checked_config
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.scope import check_scope
 
-__all__ = ["CompactRows", "RowSparsifier", "compact_rows", "row_scores"]
+__all__ = ["SCORES", "CompactRows", "RowSparsifier", "compact_rows", "row_scores"]
+
+SCORES = ("norm", "usage", "usage_then_norm")
+
+
+def _check_score(value: Any) -> str:
+    if value not in SCORES:
+        raise ConfigValueError("score", value, f"must be one of: {', '.join(SCORES)}")
+    return value
+
+
+def check_row_counts(value: Any) -> torch.Tensor:
+    """A 1-D tensor of non-negative lookup counts (one a row)."""
+    what = (
+        f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+        if isinstance(value, torch.Tensor)
+        else value
+    )
+    if value is None:
+        raise ConfigValueError(
+            "row_counts",
+            None,
+            "score=usage needs how often each row was looked up over calibration data "
+            "(sparsify_exp.calibration.collect(...).row_counts[name], or the runner's "
+            "calibration group)",
+        )
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigValueError("row_counts", what, "must be a 1-D tensor of counts") from None
+    if value.dim() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise ConfigValueError("row_counts", what, "must be a 1-D real tensor (one count a row)")
+    if bool((value < 0).any()) or bool(value.isnan().any()):
+        raise ConfigValueError("row_counts", what, "counts must be >= 0 (and not NaN)")
+    return value
+
+
+def _usage_order(counts: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """Row indices, least used first; equal counts by ``norms`` (as :func:`row_scores` ranks
+    them: NaN last) when given, else by position."""
+    if norms is None:
+        return torch.sort(counts, stable=True).indices
+    by_norm = torch.sort(norms, stable=True).indices
+    return by_norm[torch.sort(counts[by_norm], stable=True).indices]
 
 
 def row_scores(data: torch.Tensor, norm: str) -> torch.Tensor:
@@ -49,12 +94,18 @@ def row_scores(data: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 class RowSparsifier(BaseDataSparsifier):
-    r"""Zeroes the ``round(sparsity_level * rows)`` rows of lowest norm of each data: whole
-    embedding vectors of a table, which :func:`compact_rows` can then drop.
+    r"""Zeroes the ``round(sparsity_level * rows)`` rows of lowest norm (or least use) of each
+    data: whole embedding vectors of a table, which :func:`compact_rows` can then drop.
 
     * ``sparsity_level``: fraction of rows removed, in ``[0, 1]``; a default that
       ``add_data(name, data, sparsity_level=...)`` may override per name.
     * ``norm``: ``"L1"`` (sum of ``|x|``) or ``"L2"`` (its order is that of the 2-norm).
+    * ``score``: ``"norm"`` (rows of lowest norm first), ``"usage"`` (rows looked up least
+      often first, equal counts by position) or ``"usage_then_norm"`` (least used first,
+      equal counts by norm: among the rows no batch touched, the smallest go first). The
+      usage scores need ``row_counts`` in each name's ``add_data`` config, one count a row
+      (:attr:`sparsify_exp.calibration.CalibrationStats.row_counts`). On a pretrained word
+      table the rows of lowest norm are the most frequent tokens: usage is the signal there.
 
     A row is ``data[i]``: an embedding's vector, a linear layer's output unit, a convolution's
     filter; 1-D data has one entry a row. The masks of ``torch.nn.utils.prune.ln_structured(...,
@@ -71,14 +122,55 @@ class RowSparsifier(BaseDataSparsifier):
         sparsity_level: float = 0.5,
         norm: str = "L1",
         scope: str = "local",
+        score: str = "norm",
     ) -> None:
         check_level(sparsity_level)
         self.norm = check_norm(norm)
+        self.score = _check_score(score)
         self.scope = check_scope(scope, type(self).__name__, has_global=False)
         super().__init__(data_list=data_list, sparsity_level=sparsity_level)
 
+    @property
+    def calibration_needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``("row_counts",)`` for the usage scores: what calibration must provide."""
+        return () if self.score == "norm" else ("row_counts",)
+
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
-        return checked_config(name, config, {"sparsity_level": check_level})
+        checks: dict[str, Any] = {"sparsity_level": check_level}
+        if self.score != "norm":
+            checks["row_counts"] = check_row_counts
+        return checked_config(name, config, checks)
+
+    def add_data(self, name: str, data: Any, reuse_mask: bool = True, **config: Any) -> Any:
+        """As :meth:`BaseDataSparsifier.add_data`; with a usage score, first checks that
+        ``row_counts`` has one count a row (nothing is added otherwise)."""
+        if self.score != "norm":
+            weight = _extract_weight(data)
+            base = self.data_groups.get(name, self.defaults) if isinstance(name, str) else {}
+            try:
+                counts = check_row_counts({**base, **config}.get("row_counts"))
+            except ConfigValueError as error:
+                raise error.for_name(name) from None
+            rows = weight.shape[0] if weight.dim() else 1
+            if counts.numel() != rows:
+                raise ConfigValueError(
+                    "row_counts",
+                    f"tensor of shape {tuple(counts.shape)}",
+                    f"needs one count a row: {rows} for shape {tuple(weight.shape)}",
+                    name=name,
+                )
+        return super().add_data(name, data, reuse_mask=reuse_mask, **config)
+
+    def _removed(self, data: torch.Tensor, k: int, row_counts: torch.Tensor | None) -> torch.Tensor:
+        """``bool`` (rows,): the ``k`` rows this step removes."""
+        if self.score == "norm":
+            return block_ops.smallest_k(row_scores(data, self.norm), k)
+        rows = data.shape[0] if data.dim() else 1
+        norms = row_scores(data, self.norm) if self.score == "usage_then_norm" else None
+        counts = row_counts.to(data.device)  # type: ignore[union-attr]
+        removed = torch.zeros(rows, dtype=torch.bool, device=data.device)
+        removed[_usage_order(counts, norms)[:k]] = True
+        return removed
 
     def update_mask(  # type: ignore[override]
         self, name: str, data: torch.Tensor, sparsity_level: float, **kwargs: Any
@@ -93,7 +185,7 @@ class RowSparsifier(BaseDataSparsifier):
         if k == rows:
             mask.fill_(False)
             return
-        keep = block_ops.smallest_k(row_scores(data, self.norm), k).logical_not_()
+        keep = self._removed(data, k, kwargs.get("row_counts")).logical_not_()
         mask.copy_(keep.view(rows, *[1] * (data.dim() - 1)).expand(mask.shape))
 
     def update_packed_mask(  # type: ignore[override]
@@ -112,7 +204,7 @@ class RowSparsifier(BaseDataSparsifier):
         if k in (0, rows) or data.numel() == 0:
             mask.fill_(k == 0 or data.numel() == 0)
             return
-        keep = block_ops.smallest_k(row_scores(data, self.norm), k).logical_not_()
+        keep = self._removed(data, k, kwargs.get("row_counts")).logical_not_()
         width = data.numel() // rows
         step = max(1, block_ops.CHUNK_ELEMENTS // width)
         flat = mask.reshape(-1)

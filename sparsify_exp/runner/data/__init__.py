@@ -99,7 +99,9 @@ class DataBundle:
             metadata = dict(self.metadata) or None
             write_squashed(self.tensors(), masks, path, metadata=metadata, source=self.mapped)
         elif self.format == "torch":
-            torch.save(self.payload if self.payload is not None else self.tensors(), path)
+            from sparsify_exp.atomic import atomic_save
+
+            atomic_save(self.payload if self.payload is not None else self.tensors(), path)
         else:
             write_safetensors(self.tensors(), path, metadata=dict(self.metadata) or None)
         return path
@@ -157,4 +159,7 @@ def write_safetensors(
         elif ptr != -1:
             seen.add(ptr)
         clean[name] = t.cpu()
-    save_file(clean, str(path), metadata=metadata)
+    from sparsify_exp.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed write never leaves a torn file at ``path``
+        save_file(clean, str(tmp), metadata=metadata)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from sparsify_exp.runner.evaluation._util import metric_key
+from sparsify_exp.runner.tracking.keys import per_name_key
 from sparsify_exp.sparsifier import BaseDataSparsifier
 
 Metrics = dict[str, float]
@@ -117,7 +118,7 @@ class Evaluator:
             ctx.per_name.setdefault(name, {})[column] = float(value)
         cap = ctx.max_names if self.max_names is None else self.max_names
         return {
-            metric_key(self.name, metric, name): float(value)
+            per_name_key(metric_key(self.name, metric), name): float(value)
             for name, value in list(values.items())[:cap]
         }
 
