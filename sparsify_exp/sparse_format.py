@@ -192,7 +192,7 @@ def save_sparse(
     meta[META_SPARSE] = json.dumps(sparse, separators=(",", ":"))
     from sparsify_exp.atomic import atomic_path
 
-    with atomic_path(path) as tmp:  # whole or absent, never torn
+    with atomic_path(path) as tmp:  # appears under its name only when complete
         save_file(out, str(tmp), metadata=meta)
     return written
 

@@ -151,3 +151,38 @@ def test_config_errors_name_the_key(store, tmp_path):
     assert "data.auto_class=Bert: " in text
     assert "data.dtype=int8: " in text
     assert "eval.embedding_similarity.text=nowhere/: " in text or "text=nowhere/" in text
+
+
+SENTENCES = ["the model is a sparse table", "a python function can return a list"]
+
+
+@torch.no_grad()
+def sentence_cosine(model, dense, tokenizer) -> dict[str, float]:
+    """The docs' callable route: mean-pooled sentence embeddings, sparse against dense."""
+    batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+
+    def embed(m):
+        hidden = m(**batch).last_hidden_state
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    cos = torch.nn.functional.cosine_similarity(embed(model), embed(dense))
+    return {"cosine_mean": cos.mean().item()}
+
+
+def test_task_callable_gets_the_dense_model_and_the_tokenizer(store, tmp_path):
+    folder = tiny_bert(tmp_path / "bert")
+    rid = run_overrides(
+        [
+            *FAST,
+            "data=hf",
+            f"data.path={folder}",
+            "sparsifier=magnitude",
+            "eval=[task]",
+            f"eval.task.fn={__name__}.sentence_cosine",
+        ],
+        output_dir=tmp_path / "job",
+    )
+    m = store.client.get_run(rid).data.metrics
+    assert 0.0 < m["task/cosine_mean/sparse"] < 1.0
+    assert "task/cosine_mean/dense" not in m

@@ -74,3 +74,57 @@ def test_rows_format_writes_kept_rows_and_a_remap(store, tmp_path):
 def test_an_unknown_format_is_a_config_error(store, tmp_path):
     with pytest.raises(ConfigError, match=r"output.format=csr: .*dense.*bitmask.*rows"):
         run_overrides(["output.format=csr"], output_dir=tmp_path / "job")
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("sparsified*") if p.is_file() and not p.is_symlink())
+
+
+def test_a_sweep_keeps_masks_always_and_the_checkpoint_of_its_pick_only(store, cli):
+    from sparsify_exp.runner.sweep.keep import main as materialize_main
+    from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
+
+    proc = cli(
+        [
+            "-m",
+            *FAST,
+            "data=tensors",
+            "sparsifier=magnitude",
+            "sparsifier.sparsity_level=0.2,0.5,0.8",
+            "output.format=bitmask",
+            "eval=[fidelity]",
+        ],
+        cwd=store.dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    client = store.client
+    (parent,) = find_sweeps(client, "sparsify_exp")
+    parent, children = find_sweep_runs(client, parent.info.run_id)
+    pick_id = parent.data.tags["sparsify.pick_run_id"]
+    for child in children:
+        job_dir = Path(child.data.tags["sparsify.job_dir"])
+        assert (job_dir / "artifacts" / "masks" / "final.safetensors").is_file()
+        assert child.data.metrics["size/compressed_bytes"] > 0  # measured on the written file
+        data = job_dir / "artifacts" / "data" / "sparsified.safetensors"
+        if child.info.run_id == pick_id:
+            assert data.is_symlink()  # one copy on disk: the artifact
+            assert child.data.metrics["size/compressed_bytes"] == data.stat().st_size
+            arts = {a.path for a in client.list_artifacts(pick_id, "data")}
+            assert arts == {"data/sparsified.safetensors"}
+        else:
+            assert not data.exists() and not (job_dir / "data").exists()
+            assert client.list_artifacts(child.info.run_id, "data") == []
+    assert "removed" in out and "the pick's checkpoint" in out
+    # every dense copy on disk: the pick's artifact only
+    assert len(_files(store.dir)) == 1
+
+    # on request, any job's checkpoint from its masks: the same bytes the job measured
+    other = next(c for c in children if c.info.run_id != pick_id)
+    job_dir = Path(other.data.tags["sparsify.job_dir"])
+    assert materialize_main([str(job_dir)]) == 0
+    written = job_dir / "artifacts" / "data" / "sparsified.safetensors"
+    assert written.stat().st_size == other.data.metrics["size/compressed_bytes"]
+    masks = load_masks(job_dir / "artifacts" / "masks" / "final.safetensors")
+    loaded = load_sparse(written)
+    assert all(torch.equal(loaded[n] != 0, masks[n]) for n in masks)

@@ -7,6 +7,8 @@ import copy
 import csv
 import logging
 import math
+import shutil
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,114 @@ def storage_sizes(
 
 SPARSE_LAYOUTS = {"bitmask": "sparse-bitmask", "rows": "rows"}
 """``output.format`` -> the :mod:`sparsify_exp.sparse_format` layout it writes."""
+
+
+def keep_mode(write_data: bool | str, multirun: bool) -> str:
+    """``yes``: write the sparsified data and keep it; ``no``: never write it; ``measure``
+    (``output.write_data=auto`` in a sweep): write it for its size, then remove it; the sweep
+    writes its pick's checkpoint again when it ends (:mod:`.sweep.keep`)."""
+    if write_data == "auto":
+        return "measure" if multirun else "yes"
+    return "yes" if write_data else "no"
+
+
+def write_data(
+    bundle: Any,
+    sp: Any,
+    masks: Mapping[str, torch.Tensor],
+    out_format: str,
+    data_dir: Path,
+    sizes: dict[str, float],
+) -> Path:
+    """Writes the squashed data under ``data_dir`` (``sparsified.*``, or a model folder
+    ``sparsified/``) in ``out_format``; sets ``sizes`` from the written file; logs where."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if out_format == "dense":
+        path = bundle.save(data_dir / "sparsified", masks=sp)
+        file_bytes = path.stat().st_size
+        sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
+        sizes["size/dense_bytes"] = file_bytes
+        log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
+        return path
+    path, layouts = bundle.save_sparse(data_dir / "sparsified", masks, SPARSE_LAYOUTS[out_format])
+    sizes["size/compressed_bytes"] = float(path.stat().st_size)
+    log.info(
+        "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
+        "load it with sparsify_exp.load_sparse)",
+        out_format,
+        ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
+        path,
+        human_bytes(sizes["size/compressed_bytes"]),
+    )
+    return path
+
+
+def drop_data(path: Path) -> None:
+    """Removes a written checkpoint (the file, or the model folder it lies in)."""
+    target = path.parent if path.parent.name == "sparsified" else path
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    if not any(target.parent.iterdir()):
+        target.parent.rmdir()
+    log.info(
+        "removed %s after measuring it: a sweep keeps its pick's checkpoint only "
+        "(output.write_data=true keeps every job's; the masks are in masks/final.safetensors)",
+        target,
+    )
+
+
+def embedding_tables(bundle: Any) -> dict[str, Any]:
+    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
+    written under: embedding modules of the named data, and a model's embedding submodules."""
+    from torch import nn
+
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
+    if bundle.model is not None:
+        for prefix, module in bundle.model.named_modules():
+            if isinstance(module, kinds) and module not in tables.values():
+                tables[f"{prefix}.weight" if prefix else "weight"] = module
+    return tables
+
+
+def quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
+    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
+    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
+    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
+    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
+
+    total = 0
+    for name, t in bundle.tensors().items():
+        if name not in tables:
+            total += t.numel() * t.element_size()
+    for name, module in tables.items():
+        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
+            module = copy.deepcopy(module).cpu()
+        qweight = quantize_embedding(module).weight()  # the table as it would be served
+        rows = qweight.q_per_channel_scales().numel()
+        entries = kept.get(name, qweight.numel())
+        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
+    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
+    return float(total)
+
+
+def compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
+    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
+    an index remap (what serving the sparsified tables costs)."""
+    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
+    log.info(
+        "rows kept: %s of %s; compacted to kept rows + remap: %s",
+        f"{sum(c.num_rows for c in compact.values()):,}",
+        f"{sum(c.remap.numel() for c in compact.values()):,}",
+        human_bytes(sum(c.nbytes for c in compact.values())),
+    )
+    return {
+        "rows/kept": float(sum(c.num_rows for c in compact.values())),
+        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
+        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
+    }
 
 
 def block_factors(rows: int, cols: int, max_side: int) -> tuple[int, int]:
@@ -195,58 +305,3 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         with atomic_path(out / f"{name_file_stem(name)}.png", fsync=False) as tmp:
             fig.savefig(tmp, format="png")
     return len(two_d)
-
-
-# ----------------------------------------------------------------------------- serving sizes
-
-
-def embedding_tables(bundle: Any) -> dict[str, Any]:
-    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
-    written under: embedding modules of the named data, and a model's embedding submodules."""
-    from torch import nn
-
-    kinds = (nn.Embedding, nn.EmbeddingBag)
-    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
-    if bundle.model is not None:
-        for prefix, module in bundle.model.named_modules():
-            if isinstance(module, kinds) and module not in tables.values():
-                tables[f"{prefix}.weight" if prefix else "weight"] = module
-    return tables
-
-
-def quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
-    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
-    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
-    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
-    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
-
-    total = 0
-    for name, t in bundle.tensors().items():
-        if name not in tables:
-            total += t.numel() * t.element_size()
-    for name, module in tables.items():
-        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
-            module = copy.deepcopy(module).cpu()
-        qweight = quantize_embedding(module).weight()  # the table as it would be served
-        rows = qweight.q_per_channel_scales().numel()
-        entries = kept.get(name, qweight.numel())
-        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
-    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
-    return float(total)
-
-
-def compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
-    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
-    an index remap (what serving the sparsified tables costs)."""
-    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
-    log.info(
-        "rows kept: %s of %s; compacted to kept rows + remap: %s",
-        f"{sum(c.num_rows for c in compact.values()):,}",
-        f"{sum(c.remap.numel() for c in compact.values()):,}",
-        human_bytes(sum(c.nbytes for c in compact.values())),
-    )
-    return {
-        "rows/kept": float(sum(c.num_rows for c in compact.values())),
-        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
-        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
-    }

@@ -148,7 +148,7 @@ def _tracking_uri(uri: str | None) -> str | None:
 
 
 class OutputConfig(_Node):
-    write_data: bool = True
+    write_data: Literal["auto"] | bool = "auto"
     format: Literal["dense", "bitmask", "rows"] = "dense"
     progress: Literal["auto", "bar", "log", "none"] = "auto"
     quantize: bool = False

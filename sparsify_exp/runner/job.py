@@ -17,7 +17,6 @@ import math
 import os
 import time
 import traceback
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,14 @@ from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
 from sparsify_exp.runner import methods
 from sparsify_exp.runner.artifacts import (
-    SPARSE_LAYOUTS,
     compacted_rows,
+    drop_data,
     embedding_tables,
+    keep_mode,
     mask_images,
     quantized_bytes,
     storage_sizes,
+    write_data,
     write_table,
 )
 from sparsify_exp.runner.build import Built, build
@@ -42,6 +43,7 @@ from sparsify_exp.runner.context import JobInfo, claim_job_folder, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
+from sparsify_exp.runner.sweep.keep import link_logged_data
 from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker, headline
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
@@ -114,6 +116,8 @@ def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
         raise
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
+    with contextlib.suppress(Exception):  # one copy on disk: the job folder's links to it
+        link_logged_data(tracker.upstream.client, tracker.run_id, job.output_dir)
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
         ended = tracker.upstream.client.get_run(tracker.run_id)
         if job.multirun:  # short: the sweep's own last line has the link
@@ -390,34 +394,15 @@ def _execute(
     sizes = storage_sizes(built.bundle, built.added, kept)
     if tables:
         sizes["size/quantized_bytes"] = quantized_bytes(built.bundle, tables, kept)
-    if c["output"]["write_data"]:
-        data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if out_format == "dense":
-            path = built.bundle.save(data_dir / "sparsified", masks=sp)
-            file_bytes = path.stat().st_size
-            sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
-            sizes["size/dense_bytes"] = file_bytes
-            log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
-        else:
-            path, layouts = built.bundle.save_sparse(
-                data_dir / "sparsified", final_masks, SPARSE_LAYOUTS[out_format]
-            )
-            sizes["size/compressed_bytes"] = float(path.stat().st_size)
-            log.info(
-                "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
-                "load it with sparsify_exp.load_sparse)",
-                out_format,
-                ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
-                path,
-                human_bytes(sizes["size/compressed_bytes"]),
-            )
-        log.info(
-            "%s",
-            "it is also logged as the run's artifact data/"
-            if m["log_data"]
-            else "not logged to MLflow (mlflow.log_data=false)",
-        )
+    keep = keep_mode(c["output"]["write_data"], job.multirun)
+    if keep != "no":
+        logged = m["log_data"] and keep == "yes"
+        data_dir = artifacts / "data" if logged else job.output_dir / "data"
+        path = write_data(built.bundle, sp, final_masks, out_format, data_dir, sizes)
+        if keep == "measure":
+            drop_data(path)
+        elif logged:
+            log.info("it is also logged as the run's artifact data/")
     sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
         sizes["size/dense_bytes"], 1
     )

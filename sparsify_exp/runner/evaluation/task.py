@@ -9,7 +9,8 @@ logged as ``task/m/dense``, ``task/m/sparse`` and ``task/m/delta`` (sparse - den
 A callable with a ``dense`` parameter compares the two itself: it is called once, after the
 squash, as ``fn(model, dense=<the model before the first step>)`` (or with the named data),
 and its metrics are logged as ``task/m/sparse`` only: no forward pass is spent on the dense
-model against itself.
+model against itself. A callable with a ``tokenizer`` parameter gets the data source's
+tokenizer (``data=hf``; None without one).
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def resolve_callable(fn: str | Callable[..., Any]) -> Callable[..., Any]:
     raise ValueError(f"fn={fn!r}: no importable module in this path")
 
 
-def _takes_dense(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` has a parameter named ``dense``."""
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` has a parameter called ``name``."""
     try:
-        return "dense" in inspect.signature(fn).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
 
@@ -82,7 +83,8 @@ class TaskEvaluator(Evaluator):
         self.kwargs = dict(kwargs or {})
         self.name = name
         self._dense: dict[str, float] = {}
-        self.wants_dense = _takes_dense(self.fn)
+        self.wants_dense = _takes(self.fn, "dense")
+        self.wants_tokenizer = _takes(self.fn, "tokenizer")
 
     def summary(self, metrics: Mapping[str, float]) -> Metrics:
         """Each metric on the sparsified data (``<name>_<m>``) and its change from dense
@@ -115,6 +117,8 @@ class TaskEvaluator(Evaluator):
                 self.receives == "auto" and ctx.model is not None
             )
             kwargs["dense"] = ctx.dense.model if use_model else dict(ctx.dense.named_data)
+        if self.wants_tokenizer:
+            kwargs["tokenizer"] = ctx.tokenizer
         with torch.no_grad():
             result = self.fn(self._subject(ctx), **kwargs)
         if not isinstance(result, Mapping):

@@ -75,6 +75,7 @@ class _Sweep:
     prev_env: str | None
     pick: dict[str, Any] = field(default_factory=dict)
     swept: list[str] = field(default_factory=list)
+    write_data: Any = "auto"
     beater: Any = None
     launcher: str = ""
 
@@ -307,6 +308,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         prev,
         OmegaConf.to_container(pick) if pick is not None else {},  # type: ignore[arg-type]
         [k for k, _ in _swept(config)],
+        OmegaConf.select(config, "output.write_data", default="auto"),
         heartbeat.Beater(client, run_id, heartbeat_s),
         tags["sparsify.launcher"],
     )
@@ -375,6 +377,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
     if sweep is None:
         return
 
+    from sparsify_exp.runner.sweep.keep import keep_pick
     from sparsify_exp.runner.sweep.report import ARTIFACT_DIR as REPORT_DIR
     from sparsify_exp.runner.sweep.report import write_sweep_report
 
@@ -409,6 +412,12 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(children) - failed))
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
         answer, view = log_answer(client, sweep.run_id, sweep.pick, sweep.swept, children)
+        pick_id = client.get_run(sweep.run_id).data.tags.get("sparsify.pick_run_id")
+        if pick_id and sweep.write_data == "auto":  # the jobs measured their checkpoints only
+            try:
+                keep_pick(client, pick_id)
+            except Exception as e:
+                log.warning("could not write the pick's checkpoint: %s", e)
         try:
             write_sweep_report(client, sweep.run_id)
         except Exception as e:
