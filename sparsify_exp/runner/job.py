@@ -286,6 +286,8 @@ def _execute(
         extras={"training": built.train_fn is not None},
         max_names=int(m["max_name_metrics"]),
     )
+    if built.calibration:
+        tracker.log_metrics(built.calibration, step=0)
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 
     # ---- the steps

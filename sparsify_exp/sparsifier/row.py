@@ -137,7 +137,7 @@ class RowSparsifier(BaseDataSparsifier):
 
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
         checks: dict[str, Any] = {"sparsity_level": check_level}
-        if self.score != "norm":
+        if self.score != "norm" and "row_counts" in config:  # add_data requires them
             checks["row_counts"] = check_row_counts
         return checked_config(name, config, checks)
 

@@ -72,6 +72,10 @@ class DataBundle:
     mapped: Any = None
     """The :class:`~sparsify_exp.streaming.Checkpoint` when the data is memory-mapped: its
     masks are held packed and ``save`` streams the squash to a new ``.safetensors`` file."""
+    tokenizer: Any = None
+    """A language model's tokenizer (``tokenizer(text, add_special_tokens=False)["input_ids"]``,
+    optionally ``build_inputs_with_special_tokens``), for ``calibration=text``; a source that
+    sets one says ``TOKENIZER = True`` in its module, so the config is checked up front."""
 
     @property
     def suffix(self) -> str:
