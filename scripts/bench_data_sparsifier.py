@@ -4,6 +4,7 @@
     python scripts/bench_data_sparsifier.py --big      # also step an 8 GiB table (ours only)
     python scripts/bench_data_sparsifier.py --only new --threads 1
     python scripts/bench_data_sparsifier.py --huge     # 32 and 8 GiB tables memory-mapped
+    python scripts/bench_data_sparsifier.py --only devices   # the same steps on CPU and CUDA
 
 Prints ratios, since absolute seconds on a shared machine mean little. Peak memory is the
 rise of the process's peak RSS (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
@@ -345,6 +346,101 @@ def bench_eight_gib() -> None:
     )
 
 
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` then a wait for the GPU's queue, so a timing covers the kernels it launched."""
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
+
+
+def _cuda_peak_added(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def bench_devices(rows: int, cols: int, level: float) -> None:
+    """Each sparsifier's step on one table on the CPU and on the GPU, beside torch's
+    reference on the GPU; masks compared across devices."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else None
+    name = torch.cuda.get_device_name(0) if cuda else "no CUDA device: CPU column only"
+    print(f"\n== devices: ({rows:_}, {cols}) fp32, level {level}; {name} ==")
+    torch.manual_seed(0)
+    weight = torch.randn(rows, cols)
+    gpu_weight = weight.to(device) if cuda else None
+    data_bytes = weight.numel() * weight.element_size()
+
+    def ref_compute_mask(method: prune.BasePruningMethod) -> Callable[[], object]:
+        return lambda: method.compute_mask(gpu_weight, default_mask=torch.ones_like(gpu_weight))
+
+    def ref_data_norm(**kw: object) -> Callable[[], object]:
+        ref = RefDataNorm(**kw)
+        ref.add_data("t", gpu_weight.clone())
+        return ref.step
+
+    cases = [
+        (
+            "data norm (1,4)",
+            lambda: DataNormSparsifier(sparsity_level=level, sparse_block_shape=(1, 4)),
+            lambda: ref_data_norm(sparsity_level=level, sparse_block_shape=(1, 4)),
+        ),
+        (
+            "magnitude",
+            lambda: MagnitudeSparsifier(sparsity_level=level),
+            lambda: ref_compute_mask(prune.L1Unstructured(level)),
+        ),
+        (
+            "nm 2:4",
+            lambda: NMSparsifier(n=2, m=4),
+            lambda: ref_data_norm(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2),
+        ),
+        (
+            "row L1",
+            lambda: RowSparsifier(sparsity_level=level),
+            lambda: ref_compute_mask(prune.LnStructured(level, n=1, dim=0)),
+        ),
+        (
+            "random",
+            lambda: RandomSparsifier(sparsity_level=level, seed=0),
+            lambda: ref_compute_mask(prune.RandomUnstructured(level)),
+        ),
+    ]
+    print(
+        f"{'sparsifier':18s} {'cpu ms':>9} {'cuda ms':>9} {'cpu/cuda':>9} {'ref cuda':>9} "
+        f"{'ref/ours':>9} {'cuda peak':>10} {'same mask':>9}"
+    )
+    for label, make, make_ref in cases:
+        cpu_sp = make()
+        cpu_sp.add_data("t", weight)
+        cpu_s = interleaved_best({"ours": (cpu_sp.step, 2)}, rounds=2)["ours"]
+        if not cuda:
+            print(f"{label:18s} {cpu_s * 1e3:9.1f} {'-':>9} {'-':>9} {'-':>9} {'-':>9} {'-':>10}")
+            continue
+        gpu_sp = make()
+        gpu_sp.add_data("t", gpu_weight)
+        gpu_sp.step()  # warm-up: kernels compiled, caches filled
+        peak = _cuda_peak_added(gpu_sp.step, device) / data_bytes
+        same = torch.equal(gpu_sp.get_mask("t").cpu(), cpu_sp.get_mask("t"))
+        ref_step = make_ref()
+        ref_step()
+        best = interleaved_best(
+            {"ours": (_synced(gpu_sp.step, device), 5), "ref": (_synced(ref_step, device), 2)},
+            rounds=3,
+        )
+        print(
+            f"{label:18s} {cpu_s * 1e3:9.1f} {best['ours'] * 1e3:9.2f} "
+            f"{cpu_s / best['ours']:8.1f}x {best['ref'] * 1e3:9.2f} "
+            f"{best['ref'] / best['ours']:8.1f}x {peak:9.2f}x {same!s:>9}"
+        )
+        del gpu_sp, ref_step
+        torch.cuda.empty_cache()
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -354,10 +450,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument(
         "--only",
-        choices=["all", "data_norm", "new", "global"],
+        choices=["all", "data_norm", "new", "global", "devices"],
         default="all",
         help="data_norm: the data norm comparisons; new: the other sparsifiers and scope=global; "
-        "global: only the global step over >= 1 GiB of tables",
+        "global: only the global step over >= 1 GiB of tables; devices: each sparsifier on the "
+        "CPU and on CUDA, beside torch's reference on CUDA",
     )
     parser.add_argument(
         "--global-tables", type=int, default=4, help="tables for the >= 1 GiB global step"
@@ -392,6 +489,9 @@ def main() -> None:
         from bench_huge_table import main as huge
 
         huge(args.huge_dir, args.huge_gib, args.keep)
+        return
+    if args.only == "devices":
+        bench_devices(args.rows, args.cols, 0.8)
         return
     if args.only in ("all", "data_norm"):
         bench_big_table(args.rows, args.cols, 0.8, (1, 4))

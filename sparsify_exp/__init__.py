@@ -13,6 +13,7 @@ from sparsify_exp.scheduler import (
     LinearScheduler,
     StepScheduler,
 )
+from sparsify_exp.sparse_format import RemappedEmbedding, load_sparse, save_sparse
 from sparsify_exp.sparsifier import (
     BaseDataSparsifier,
     CompactRows,
@@ -46,6 +47,7 @@ __all__ = [
     "MagnitudeSparsifier",
     "NMSparsifier",
     "RandomSparsifier",
+    "RemappedEmbedding",
     "RowSparsifier",
     "ShardError",
     "ShardedDataNormSparsifier",
@@ -57,9 +59,11 @@ __all__ = [
     "compact_rows",
     "count_nonfinite",
     "load_masks",
+    "load_sparse",
     "pack_mask",
     "post_training_sparse_quantize",
     "save_masks",
+    "save_sparse",
     "unpack_mask",
 ]
 

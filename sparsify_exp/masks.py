@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sparsify_exp.atomic import atomic_path
 from sparsify_exp.sparsifier.mask_bits import pack_mask, unpack_mask
 
 __all__ = ["MASK_FORMAT", "load_masks", "save_masks"]
@@ -40,7 +41,8 @@ def save_masks(source: Any, names: Iterable[str] | None, path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     packed = {name: pack_mask(mask) for name, mask in masks.items()}
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    save_file(packed, str(path), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
+    with atomic_path(path) as tmp:  # whole or absent, never torn
+        save_file(packed, str(tmp), metadata={"format": MASK_FORMAT, "shapes": json.dumps(shapes)})
     return path
 
 

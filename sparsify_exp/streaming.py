@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 
+from sparsify_exp.atomic import partial_path
 from sparsify_exp.sparsifier.mask_bits import packed_nbytes
 from sparsify_exp.sparsifier.packed_mask import PackedMask
 from sparsify_exp.sparsifier.packed_select import ReadAhead
 from sparsify_exp.sparsifier.select import flat_views
+from sparsify_exp.units import human_bytes
 
 __all__ = [
     "Checkpoint",
@@ -56,14 +58,6 @@ class FileChangedError(RuntimeError):
 
 class NotEnoughSpaceError(OSError):
     """The output would not fit in the free space of its file system."""
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def memory_bytes() -> int:
@@ -352,12 +346,12 @@ def write_squashed(
     free = shutil.disk_usage(path.parent).free
     if free < needed:
         raise NotEnoughSpaceError(
-            f"{path}: the sparsified checkpoint needs {_human(needed)} of disk but its file "
-            f"system has {_human(free)} free; nothing was written"
+            f"{path}: the sparsified checkpoint needs {human_bytes(needed)} of disk but its file "
+            f"system has {human_bytes(free)} free; nothing was written"
         )
     if source is not None:
         source.check_unchanged()
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_path(path)  # a leftover of a killed write: atomic.remove_leftovers
     saved = 0
     try:
         with open(partial, "wb") as f:

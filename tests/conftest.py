@@ -13,6 +13,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One intra-op thread for torch in every test process and the subprocesses they start: the
+# suite runs several xdist workers (and their subprocesses) on a few cores, where OpenMP's
+# idle threads spin for a descheduled sibling. Measured on 2 busy cores, one digits training
+# run: 35 CPU-s with torch's default threads, 7 with one (scripts/time_tests.sh times the
+# whole suite). Set before any test module imports torch; a user's own setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @dataclass
 class Store:

@@ -4,7 +4,9 @@
 and compares its mask with its rows of the single-process sparsifier's mask of the whole
 table. ``bad``: layouts that do not make one table must raise ``ShardError`` on every rank
 and leave the data and the sparsifier as they were. ``missing-init`` / ``missing-step``: rank
-1 never joins. Each rank writes one JSON line a result to ``<out_dir>/rank<r>.jsonl``.
+1 never joins. ``cuda``: one rank on nccl holds each whole table in GPU memory and its mask
+must equal the single-process mask on the CPU. Each rank writes one JSON line a result to
+``<out_dir>/rank<r>.jsonl``.
 """
 
 from __future__ import annotations
@@ -162,6 +164,26 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
     return {"ok": not wrong, "wrong_entries": wrong}
 
 
+def run_cuda_case(name: str) -> dict[str, Any]:
+    """The whole table on this rank's GPU (one rank on nccl) against the CPU's mask."""
+    sharded_cls, single_cls, kwargs, tables, per_name, _ = CASES[name]
+    sp = sharded_cls(**kwargs, timeout_s=60)
+    ref = single_cls(**kwargs)
+    for table_name, table in tables.items():
+        config = per_name.get(table_name, {})
+        sp.add_data(table_name, table.cuda(), **config)
+        ref.add_data(table_name, table.clone(), **config)
+    sp.step()
+    ref.step()
+    wrong = {
+        n: int((sp.get_mask(n).cpu() != ref.get_mask(n)).sum())
+        for n in tables
+        if not torch.equal(sp.get_mask(n).cpu(), ref.get_mask(n))
+    }
+    on_gpu = all(sp.get_mask(n).device.type == "cuda" for n in tables)
+    return {"ok": not wrong and on_gpu, "wrong_entries": wrong, "on_gpu": on_gpu}
+
+
 def run_reversed(rank: int) -> dict[str, Any]:
     """Explicit row offsets: rank 0 holds the table's last rows, rank 1 its first."""
     table = _ints(13, (20, 6), 0, 3)
@@ -301,7 +323,11 @@ def main(mode: str, out_dir: str) -> int:
     except ShardError as error:
         emit(mode, "init", rank, {"ok": True, "message": str(error)})
         return 3
-    if mode == "cases":
+    if mode == "cuda":
+        assert dist.get_backend() == "nccl", dist.get_backend()
+        for case in CASES:
+            emit(mode, case, rank, run_cuda_case(case))
+    elif mode == "cases":
         for case in CASES:
             emit(mode, case, rank, run_case(case, rank))
         emit(mode, "reversed_offsets", rank, run_reversed(rank))

@@ -24,7 +24,7 @@ def masks_of(store, run_id: str, tmp_path) -> dict[str, torch.Tensor]:
 
 
 def test_wanda_with_batches_gets_the_library_masks(store, tmp_path):
-    batches = "calibration.batches._target_=tiny_models.mlp_inputs"
+    batches = "calibration.batches._target_=calibration_inputs.mlp_inputs"
     rid = run_overrides(
         [*MLP, "sparsifier=wanda", "calibration=batches", "~calibration.batches.batch_size",
          "~calibration.batches.batches", batches, *QUIET],
@@ -35,7 +35,7 @@ def test_wanda_with_batches_gets_the_library_masks(store, tmp_path):
     assert run.data.metrics["calibration/batches"] == 4
     assert run.data.metrics["calibration/seconds"] > 0
     # the same model (same seed), the same batches, through the library
-    from tiny_models import mlp_inputs
+    from calibration_inputs import mlp_inputs
 
     from sparsify_exp.runner.data.mlp import MLP as Net
 
@@ -58,12 +58,13 @@ def test_text_calibration_tokenizes_with_the_models_tokenizer(store, tmp_path):
     (texts / "a.txt").write_text("the model weight is a sparse table of the data " * 20)
     (texts / "sub" / "b.md").write_text("an input row and an output layer norm score " * 20)
     (texts / "skip.json").write_text("{}")
+    from hf_models import tiny_bert
+
     rid = run_overrides(
-        ["data=model", "data._target_=tiny_models.bert", "~data.module", "~data.include",
-         "~data.exclude", "sparsifier=wanda", "sparsifier.n=2", "sparsifier.m=4",
-         "calibration=text",
-         f"calibration.texts={texts}", "calibration.max_samples=5", "calibration.seq_len=16",
-         "calibration.batch_size=2", *QUIET],
+        ["data=hf", f"data.path={tiny_bert(tmp_path / 'bert')}", "sparsifier=wanda",
+         "sparsifier.n=2", "sparsifier.m=4", "calibration=text", f"calibration.texts={texts}",
+         "calibration.max_samples=5", "calibration.seq_len=16", "calibration.batch_size=2",
+         *QUIET],
         output_dir=tmp_path / "job",
     )  # fmt: skip
     run = store.client.get_run(rid)
@@ -143,6 +144,23 @@ def test_bad_calibration_input_is_one_line_before_any_run(overrides, line, store
     assert store.runs() == []
 
 
+def test_a_model_folder_without_tokenizer_is_refused_before_any_run(store, tmp_path):
+    from hf_models import tiny_bert
+
+    folder = tiny_bert(tmp_path / "bert", tokenizer=False)
+    overrides = ["data=hf", f"data.path={folder}", "sparsifier=wanda", "calibration=text",
+                 "calibration.texts=[some text]", *QUIET]  # fmt: skip
+    problems = validate(compose_config(overrides))
+    assert problems == [
+        "calibration._target_=sparsify_exp.runner.calibration.TextCalibration: calibration=text "
+        f"tokenizes with the model's tokenizer, and data.path={folder} has no tokenizer files: "
+        "add them to the model folder, or use calibration=batches"
+    ]
+    with pytest.raises(ConfigError):
+        run_overrides(overrides, output_dir=tmp_path / "job")
+    assert store.runs() == []
+
+
 def test_empty_text_file_and_empty_folder(store, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "folder").mkdir()
@@ -157,8 +175,8 @@ def test_empty_text_file_and_empty_folder(store, tmp_path):
 def test_a_held_name_without_statistics_fails_the_run_with_the_reason(store, tmp_path):
     overrides = [
         "data=model", "data.module.sizes=[32,16,8]", "sparsifier=wanda", "calibration=batches",
-        "calibration.batches._target_=tiny_models.mlp_inputs", "~calibration.batches.batch_size",
-        "~calibration.batches.batches", *QUIET,
+        "calibration.batches._target_=calibration_inputs.mlp_inputs",
+        "~calibration.batches.batch_size", "~calibration.batches.batches", *QUIET,
     ]  # fmt: skip
     with pytest.raises(ConfigError) as error:
         run_overrides(overrides, output_dir=tmp_path / "job")

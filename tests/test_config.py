@@ -62,15 +62,7 @@ CALIBRATED = {
     "wanda": ["data=dlrm", "data.include=[bottom.*.weight]", "calibration=batches"],
     "row_usage": ["data=dlrm", "calibration=batches"],
     "batches": ["data=dlrm", "sparsifier=row_usage"],
-    "text": [
-        "data=model",
-        "data._target_=tiny_models.bert",
-        "~data.module",
-        "~data.include",
-        "~data.exclude",
-        "sparsifier=wanda",
-        "calibration.texts=[the model is a sparse table of the data]",
-    ],
+    "text": ["data=hf", "sparsifier=wanda", "calibration.texts=[the model is a sparse table]"],
 }
 
 
@@ -83,6 +75,10 @@ def test_every_option_composes_validates_and_builds(group, option, weights):
         return
     if option == "file":
         overrides.append(f"data.path={weights}")
+    if group == "data" and option == "hf":
+        from hf_models import tiny_bert
+
+        overrides.append(f"data.path={tiny_bert(weights.parent / 'bert')}")
     if group == "eval" and option == "task":
         overrides.append("eval.task.fn=sparsify_exp.runner.examples.digits.accuracy")
     if group == "eval" and option in ("task", "digits_accuracy"):
@@ -92,6 +88,10 @@ def test_every_option_composes_validates_and_builds(group, option, weights):
     calibrated = option in CALIBRATED
     if calibrated:
         overrides += CALIBRATED[option]
+    if "data=hf" in overrides and not (group == "data" and option == "hf"):
+        from hf_models import tiny_bert
+
+        overrides.append(f"data.path={tiny_bert(weights.parent / 'bert')}")
     cfg = compose_config(overrides)
     assert validate(cfg) == []
     if calibrated:  # statistics from the model: the runner's build runs the batches

@@ -19,8 +19,8 @@ from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
 
 SUMMARY = (
     "_summary/sparsity",
-    "_summary/compressed_mb",
-    "_summary/compressed_to_dense",
+    "_summary/size_mb",
+    "_summary/size_to_dense",
     "_summary/fidelity_rel_error",
 )
 
@@ -82,7 +82,9 @@ def test_children_are_named_by_what_the_sweep_varies(sweep):
         "level=0.9 block=1x1",
         "level=0.9 block=1x4",
     ]
-    assert parent.info.run_name == "sweep data_norm x embeddings: level 0.3,0.9, block [1,1],[1,4]"
+    assert parent.info.run_name == (
+        "sweep data_norm on embeddings: level 0.3,0.9 x block [1,1],[1,4]"
+    )
 
 
 def test_every_child_has_the_summary_keys_and_capped_per_name_keys(sweep):
@@ -92,10 +94,10 @@ def test_every_child_has_the_summary_keys_and_capped_per_name_keys(sweep):
         for key in (*SUMMARY, "_summary/embedding_bag_cosine_mean"):
             assert key in metrics, (child.info.run_name, key)
         assert metrics["_summary/sparsity"] == pytest.approx(metrics["sparsity/overall"], rel=1e-5)
-        assert metrics["_summary/compressed_mb"] == pytest.approx(
+        assert metrics["_summary/size_mb"] == pytest.approx(
             metrics["size/compressed_bytes"] / 1e6, rel=1e-5
         )
-        assert metrics["_summary/compressed_to_dense"] == pytest.approx(
+        assert metrics["_summary/size_to_dense"] == pytest.approx(
             metrics["size/compressed_bytes"] / metrics["size/dense_bytes"], rel=1e-5
         )
         assert metrics["_summary/fidelity_rel_error"] == pytest.approx(
@@ -250,7 +252,7 @@ def test_summary_keys_come_first_and_read_in_human_units():
             "sparsity/emb": 0.5,
             "sparsity/overall": 0.123456789,
             "size/compressed_bytes": 2_500_000.0,
-            "size/compression_ratio": 4.0,
+            "size/compressed_to_dense": 0.25,
             "task/accuracy/sparse": 0.91,
             "task/accuracy/delta": -0.02,
             "task/accuracy/dense": 0.93,
@@ -258,12 +260,12 @@ def test_summary_keys_come_first_and_read_in_human_units():
     )
     assert list(out)[:5] == [
         "_summary/sparsity",
-        "_summary/compressed_mb",
-        "_summary/compressed_to_dense",
+        "_summary/size_mb",
+        "_summary/size_to_dense",
         "_summary/task_accuracy",
         "_summary/task_accuracy_delta",
     ]
     assert out["_summary/sparsity"] == 0.123457
-    assert out["_summary/compressed_mb"] == 2.5
-    assert out["_summary/compressed_to_dense"] == 0.25
+    assert out["_summary/size_mb"] == 2.5
+    assert out["_summary/size_to_dense"] == 0.25
     assert out["_summary/task_accuracy_delta"] == -0.02

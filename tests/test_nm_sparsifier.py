@@ -180,6 +180,7 @@ def test_state_dict_round_trip():
         assert torch.equal(loaded.get_mask(name), sp.get_mask(name))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_two_of_four_fp16_weight_converts_to_semi_structured():
     from torch.sparse import to_sparse_semi_structured

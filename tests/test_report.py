@@ -177,8 +177,8 @@ def test_report_rows_match_child_runs(sweep, tmp_path):
         ):
             assert math.isclose(float(row[key]), metrics[key], rel_tol=1e-9), key
         assert math.isclose(
-            float(row["size/compression"]),
-            metrics["size/dense_bytes"] / metrics["size/compressed_bytes"],
+            float(row["size/compressed_to_dense"]),
+            metrics["size/compressed_bytes"] / metrics["size/dense_bytes"],
         )
         assert (row["error"] == "ValueError: boom") == (status == "FAILED")
     # rows come out grouped by block shape, then by level

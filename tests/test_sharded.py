@@ -27,15 +27,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node 2`` on a free port."""
+def torchrun(
+    args: list[str], cwd: Path, timeout: int = 180, nproc: int = 2
+) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node <nproc>`` on a free port."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        "2",
+        str(nproc),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
@@ -47,10 +49,10 @@ def torchrun(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.Compl
     )
 
 
-def launch(mode: str, out: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    """Runs the worker in ``mode``; ``{(case, rank): result}`` from both ranks' files."""
+def launch(mode: str, out: Path, nproc: int = 2) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs the worker in ``mode``; ``{(case, rank): result}`` from the ranks' files."""
     out.mkdir(parents=True, exist_ok=True)
-    proc = torchrun([str(WORKER), mode, str(out)], cwd=out)
+    proc = torchrun([str(WORKER), mode, str(out)], cwd=out, nproc=nproc)
     results = {}
     for path in out.glob("rank*.jsonl"):
         for line in path.read_text().splitlines():
@@ -107,6 +109,15 @@ def test_a_rank_that_never_steps_is_a_timeout_line(tmp_path):
     message = results[("step", 0)]["message"]
     assert message.startswith("step: not all 2 processes joined within 3 s"), message
     assert "Ranks 1 failed" in message and "\n" not in message
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nccl)")
+def test_one_gpu_rank_on_nccl_gives_the_single_process_masks(tmp_path):
+    proc, results = launch("cuda", tmp_path, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in CASES:
+        assert results[(case, 0)]["ok"], results[(case, 0)]
 
 
 def test_a_sharded_sparsifier_without_a_process_group_says_how_to_make_one():

@@ -633,6 +633,7 @@ def test_mask_on_meta_device():
     sp.squash_mask()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_data_gets_cuda_mask():
     torch.manual_seed(7)

@@ -322,7 +322,7 @@ def test_an_output_that_does_not_fit_is_refused_before_writing(tmp_path, tiny_di
     digest = _sha(source)
     out = tiny_disk / "out.safetensors"
     with pytest.raises(
-        NotEnoughSpaceError, match=r"needs 1\.2 MiB of disk but its file system has 1\.0 MiB free"
+        NotEnoughSpaceError, match=r"needs 1\.3 MB of disk but its file system has 1\.0 MB free"
     ) as error:
         write_squashed(ckpt.tensors, sp, out, source=ckpt)
     assert "nothing was written" in str(error.value) and "\n" not in str(error.value)

@@ -224,5 +224,5 @@ def test_sweep_runs_are_named_by_what_varies(store, cli):
         "level=0.2 block=1x4",
         "level=0.5 block=1x1",
         "level=0.5 block=1x4",
-        "sweep data_norm x tensors: level 0.2,0.5, block [1,1],[1,4]",
+        "sweep data_norm on tensors: level 0.2,0.5 x block [1,1],[1,4]",
     ]

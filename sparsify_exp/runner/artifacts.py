@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from sparsify_exp.atomic import atomic_path
+
 # Entries a block-average reads at a time: the transient memory stays near this many bytes
 # (a bool copy of the chunk) however large the mask is.
 _CHUNK_ENTRIES = 1 << 18
@@ -38,12 +40,13 @@ def write_table(
 ) -> None:
     """``per_name.csv``: every name of the data, sparsified or kept dense, with its sparsity and
     what the evaluators measured of it, each column named like the metric family whose first
-    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...)."""
+    ``mlflow.max_name_metrics`` names MLflow gets (``sparsity``, ``fidelity/rel_error``, ...);
+    then the 0-size floating tensors (kind ``empty``: nothing to sparsify, written as is)."""
     from sparsify_exp.runner.data import as_tensor
 
     measured = measured or {}
     columns = list(dict.fromkeys(c for row in measured.values() for c in row))
-    with path.open("w", newline="") as f:
+    with atomic_path(path, fsync=False) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "kind", "shape", "numel", "dtype", "sparsified", "sparsity", *columns])
         for name, obj in bundle.named_data.items():
@@ -61,6 +64,11 @@ def write_table(
                     *(f"{row[c]:.6g}" if c in row else "" for c in columns),
                 ]
             )
+        for name, t in bundle.extra_tensors.items():  # written as they are: nothing to mask
+            if t.numel() == 0 and t.is_floating_point():
+                shape = "x".join(str(s) for s in t.shape)
+                dtype = str(t.dtype).removeprefix("torch.")
+                w.writerow([name, "empty", shape, 0, dtype, False, "", *("" for _ in columns)])
 
 
 def storage_sizes(
@@ -79,6 +87,10 @@ def storage_sizes(
         encoded = packed_nbytes(t.numel()) + kept[name] * t.element_size()
         saved += max(t.numel() * t.element_size() - encoded, 0)
     return {"size/dense_bytes": float(dense), "size/compressed_bytes": float(dense - saved)}
+
+
+SPARSE_LAYOUTS = {"bitmask": "sparse-bitmask", "rows": "rows"}
+"""``output.format`` -> the :mod:`sparsify_exp.sparse_format` layout it writes."""
 
 
 def block_factors(rows: int, cols: int, max_side: int) -> tuple[int, int]:
@@ -137,7 +149,7 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    from sparsify_exp.runner.tracking import store as tr
+    from sparsify_exp.runner.tracking.keys import name_file_stem
 
     out.mkdir(parents=True, exist_ok=True)
     cmap = colormaps["viridis_r"].with_extremes(bad="white")
@@ -175,5 +187,6 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         ax.set_ylabel("row")
         fig.colorbar(im, ax=ax, label="fraction pruned (white: all kept)")
         fig.tight_layout()
-        fig.savefig(out / f"{tr.metric_key(name).replace('/', '_')}.png")
+        with atomic_path(out / f"{name_file_stem(name)}.png", fsync=False) as tmp:
+            fig.savefig(tmp, format="png")
     return len(two_d)

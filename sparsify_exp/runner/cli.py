@@ -20,6 +20,7 @@ from sparsify_exp.runner.config import ConfigError, normalize_overrides
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.job import run
 from sparsify_exp.runner.launchers import launcher_in_args, missing_launcher
+from sparsify_exp.runner.methods import conflicting_choice
 from sparsify_exp.runner.signals import exit_code, is_stop, sigterm_raises, stop_reason
 from sparsify_exp.runner.sweep.callback import finish_sweep, objective
 from sparsify_exp.runner.tracking.store import failure_reason
@@ -78,6 +79,9 @@ def main() -> None:
     if missing:  # before Hydra, which would only say it cannot find the option
         sys.stderr.write(f"{missing}\n")
         raise SystemExit(2)
+    conflict = conflicting_choice(sys.argv[1:])
+    if conflict:
+        _config_exit([conflict])
     try:
         with sigterm_raises():
             _hydra_main()

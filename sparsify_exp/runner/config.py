@@ -73,10 +73,29 @@ def evaluator_nodes(node: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (node or {}).items() if k != EVAL_EVERY}
 
 
+#: Mappings that an override replaces whole (Hydra merges ``key={...}`` into a mapping, so
+#: ``sweep.pick.max={}`` would keep the default bound): ``key=V`` becomes ``~key +key=V``.
+REPLACED_MAPPINGS = ("sweep.pick.min", "sweep.pick.max", "objective.max")
+
+
 def normalize_overrides(overrides: list[str]) -> list[str]:
     """``eval.every=N`` as ``+eval.every=N``: ``eval`` holds only the chosen evaluators
-    (``list(cfg.eval)`` names them), so the period is added when asked for."""
-    return [f"+{o}" if o.startswith(f"eval.{EVAL_EVERY}=") else o for o in overrides]
+    (``list(cfg.eval)`` names them), so the period is added when asked for. A
+    :data:`REPLACED_MAPPINGS` key given a value replaces the mapping (``~key +key=V``;
+    idempotent, so a run's recorded overrides paste back as they are)."""
+    out: list[str] = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        bare = key.lstrip("+")
+        if o.startswith(f"eval.{EVAL_EVERY}="):
+            out.append(f"+{o}")
+        elif sep and bare in REPLACED_MAPPINGS and not key.startswith("++"):
+            if f"~{bare}" not in out and f"~{bare}" not in overrides:
+                out.append(f"~{bare}")
+            out.append(f"+{bare}={value}")
+        else:
+            out.append(o)
+    return out
 
 
 # --------------------------------------------------------------------------- runner nodes
@@ -128,6 +147,7 @@ def _tracking_uri(uri: str | None) -> str | None:
 
 class OutputConfig(_Node):
     write_data: bool = True
+    format: Literal["dense", "bitmask", "rows"] = "dense"
     progress: Literal["auto", "bar", "log", "none"] = "auto"
     quantize: bool = False
 

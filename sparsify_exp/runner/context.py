@@ -64,3 +64,75 @@ def absolute_under(base: Path, path: str | os.PathLike) -> Path:
     launch directory, not to a job's working directory)."""
     p = Path(path)
     return p if p.is_absolute() else base / p
+
+
+JOB_LOCK = ".job.lock"
+"""Held (``flock``) by the process running or resuming the job in a folder; it says who."""
+
+
+class JobFolderBusy(RuntimeError):
+    """Another live process runs or resumes the job of this folder."""
+
+
+class JobLock:
+    """The exclusive claim of one process on a job folder: two processes resuming one run
+    (or a resume of a run still going) would write the same spool, checkpoint and outputs.
+    ``flock`` is released by the kernel when its process dies, so a killed job's folder is
+    free again at once; the file keeps the holder's pid, host and start for the message."""
+
+    def __init__(self, job_dir: Path, what: str):
+        import fcntl
+        import json
+        import socket
+        import time
+
+        job_dir.mkdir(parents=True, exist_ok=True)
+        self.path = job_dir / JOB_LOCK
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise JobFolderBusy(f"{job_dir} is in use: {holder(job_dir)}") from None
+        body = {"pid": os.getpid(), "host": socket.gethostname(), "what": what}
+        body["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(body).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def holder(job_dir: Path) -> str:
+    """Who holds a job folder's lock, in words (``resuming in process 4242 on node7 since
+    ...``)."""
+    import json
+
+    try:
+        body = json.loads((job_dir / JOB_LOCK).read_text())
+        return (
+            f"{body.get('what', 'running')} in process {body['pid']} on {body['host']} "
+            f"since {body['since']}"
+        )
+    except (OSError, ValueError, KeyError):
+        return "another process holds it"
+
+
+def job_folder_busy(job_dir: Path) -> str | None:
+    """Who holds ``job_dir`` now, or None when it is free (checked without keeping it)."""
+    import fcntl
+
+    try:
+        fd = os.open(job_dir / JOB_LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return holder(job_dir)
+    finally:
+        os.close(fd)
+    return None

@@ -63,12 +63,11 @@ def prepare(cfg: DictConfig) -> None:
 
 
 def _create_experiment(cfg: DictConfig) -> None:
-    from mlflow.tracking import MlflowClient
 
     launch = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else "."
     uri = tr.resolve_tracking_uri(cfg.mlflow.get("tracking_uri"), launch)
     try:
-        tr.ensure_experiment(MlflowClient(tracking_uri=uri), str(cfg.mlflow.experiment))
+        tr.ensure_experiment(tr.open_client(uri), str(cfg.mlflow.experiment))
     except Exception as error:  # the run's own start reports an unreachable store
         log.warning("could not create the experiment before the shards start: %s", error)
 

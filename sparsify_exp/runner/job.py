@@ -18,21 +18,28 @@ import math
 import os
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
-from sparsify_exp.runner.artifacts import mask_images, storage_sizes, write_table
+from sparsify_exp.runner.artifacts import (
+    SPARSE_LAYOUTS,
+    mask_images,
+    storage_sizes,
+    write_table,
+)
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
-from sparsify_exp.runner.context import JobInfo, job_info
+from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
-from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker
+from sparsify_exp.runner.sweep.summary import Summarizer, SummarizingTracker, headline
 from sparsify_exp.runner.sweep.views import run_page
 from sparsify_exp.runner.tracking import heartbeat, reachability
 from sparsify_exp.runner.tracking import store as tr
@@ -60,10 +67,38 @@ def run(cfg: DictConfig) -> str:
     if c.get("resume"):  # the stopped run's own config, job folder and MLflow run
         uri = tr.resolve_tracking_uri(c["mlflow"]["tracking_uri"], job.launch_dir)
         resumed = resume.locate(str(c["resume"]), uri)
-        sync(resumed.job_dir, out=log.info)  # what the stopped process had not uploaded
+        lock = _claim(resumed.job_dir, "resuming", f"resume={c['resume']}")
         c = {**resumed.config, "resume": c["resume"]}
         cfg = OmegaConf.create(c)
         job = dataclasses.replace(job, output_dir=resumed.job_dir)
+    else:
+        key = "hydra.sweep.dir" if job.multirun else "hydra.run.dir"
+        lock = _claim(job.output_dir, "running", key)
+    try:
+        removed = remove_leftovers(job.output_dir)  # partial files of a killed process
+        if removed:
+            log.info("removed %d partial file(s) a stopped process left", len(removed))
+        if resumed is not None:
+            sync(resumed.job_dir, out=log.info)  # what the stopped process had not uploaded
+        return _run(cfg, c, job, resumed)
+    finally:
+        lock.release()
+
+
+def _claim(job_dir: Path, what: str, key: str) -> JobLock:
+    """This process's hold on ``job_dir``; a config error naming the process holding it."""
+    try:
+        return JobLock(job_dir, what)
+    except JobFolderBusy:
+        raise ConfigError(
+            [
+                f"{key}: job folder {job_dir} is in use ({holder(job_dir)}); wait for that "
+                "process to end or stop it"
+            ]
+        ) from None
+
+
+def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
     tracker = start_run(c, job, resume_run_id=resumed.run_id if resumed else None)
     artifacts = job.output_dir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -76,7 +111,7 @@ def run(cfg: DictConfig) -> str:
     except BaseException as e:
         status = "KILLED" if is_stop(e) else "FAILED"
         try:
-            (artifacts / "error.txt").write_text(traceback.format_exc())
+            atomic_write_text(artifacts / "error.txt", traceback.format_exc())
             upload_artifacts(tracker, artifacts, job)
         except Exception as log_error:  # the store may be what failed
             log.warning("could not log the artifacts of the failed run: %s", log_error)
@@ -86,8 +121,12 @@ def run(cfg: DictConfig) -> str:
     upload_artifacts(tracker, artifacts, job)
     tracker.finish()
     with contextlib.suppress(Exception):  # the store may be away: the run is spooled
-        exp_id = tracker.upstream.client.get_run(tracker.run_id).info.experiment_id
-        log.info("run %s: %s", tracker.run_id, run_page(tracker.uri, exp_id, tracker.run_id))
+        ended = tracker.upstream.client.get_run(tracker.run_id)
+        if job.multirun:  # short: the sweep's own last line has the link
+            log.info("%s: %s", ended.info.run_name, headline(ended.data.metrics))
+        else:
+            page = run_page(tracker.uri, ended.info.experiment_id, tracker.run_id)
+            log.info("run %s: %s", tracker.run_id, page)
     return tracker.run_id
 
 
@@ -99,7 +138,6 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
     Raises :class:`~.tracking.reachability.StoreUnreachable` ("tracking server <uri>
     unreachable: ...") within seconds when an HTTP store does not answer.
     """
-    from mlflow.tracking import MlflowClient
 
     m = c["mlflow"]
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
@@ -110,7 +148,7 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
         reachability.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
     else:  # a single run says so at once
         reachability.check_reachable(uri, timeout_s)
-    client = MlflowClient(tracking_uri=uri)
+    client = tr.open_client(uri)
     with reachability.unreachable_as_error(uri):
         exp_id = tr.ensure_experiment(client, m["experiment"])
         try:
@@ -172,11 +210,13 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
 
 
 def _log_config(tracker: tr.RunTracker, c: Mapping[str, Any], job: JobInfo, artifacts: Path):
-    tracker.log_params(tr.flatten(c))
+    # a swept group (method=magnitude,nm_2_4) as a param too: the UI's charts axes are params
+    swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k in job.choices]
+    tracker.log_params({**tr.flatten(c), **{g: str(job.choices[g]) for g in swept}})
     cfg_dir = artifacts / "config"
     cfg_dir.mkdir(exist_ok=True)
-    OmegaConf.save(c, cfg_dir / "config.yaml")
-    (cfg_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(job.overrides)))
+    atomic_write_text(cfg_dir / "config.yaml", OmegaConf.to_yaml(c))
+    atomic_write_text(cfg_dir / "overrides.yaml", OmegaConf.to_yaml(list(job.overrides)))
 
 
 def _hook(evaluators: Mapping[str, Any], hook: str, ctx: Any) -> dict[str, float]:
@@ -244,7 +284,7 @@ def _execute(
     resuming: bool = False,
 ) -> None:
     from sparsify_exp.runner.data import as_tensor
-    from sparsify_exp.runner.evaluation import EvalContext
+    from sparsify_exp.runner.evaluation import DenseReference, EvalContext
 
     t0 = time.perf_counter()
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
@@ -285,9 +325,18 @@ def _execute(
         artifacts_dir=eval_dir,
         extras={"training": built.train_fn is not None},
         max_names=int(m["max_name_metrics"]),
+        tokenizer=built.bundle.tokenizer,
     )
     if built.calibration:
         tracker.log_metrics(built.calibration, step=0)
+    wanting = [n for n, ev in built.evaluators.items() if getattr(ev, "wants_dense", False)]
+    if wanting and state is None:  # a resumed run's data is no longer dense
+        ctx.dense = DenseReference.capture(built.bundle.model, built.added)
+        log.info("dense reference copied for %s", ", ".join(wanting))
+    elif wanting:
+        raise RuntimeError(
+            f"{', '.join(wanting)} compare with the dense data, which a resumed run no longer has"
+        )
     tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
 
     # ---- the steps
@@ -302,12 +351,14 @@ def _execute(
     every = (c.get("eval") or {}).get(EVAL_EVERY)
     train_steps = int(c["train"]["steps_per_step"])
     checkpoint_every = int((c.get("checkpoint") or {}).get("every") or 0)
+    mapped = built.bundle.mapped  # a read-only memory map: never written, not checkpointed
     last: dict[str, float] = {}
     try:
         with MaskedForward(built.bundle.model if built.train_fn else None, sp):
             start = 0
             if state is not None:
-                start = checkpoint.restore(state, sp, built.scheduler, built.bundle.model) + 1
+                model = built.bundle.model
+                start = 1 + checkpoint.restore(state, sp, built.scheduler, model, bool(mapped))
                 measure.prime(sp)
                 log.info("resumed at step %d of %d from %s", start, steps, job.output_dir)
             for k in range(start, steps):
@@ -326,7 +377,8 @@ def _execute(
                     save_masks(sp, names, artifacts / "masks" / f"step_{k:06d}.safetensors")
                 if checkpoint_every and (k + 1) % checkpoint_every == 0 and k < steps - 1:
                     tracker.flush()  # the store has every step the checkpoint holds
-                    checkpoint.save(job.output_dir, k, sp, built.scheduler, built.bundle.model)
+                    model = built.bundle.model
+                    checkpoint.save(job.output_dir, k, sp, built.scheduler, model, bool(mapped))
                 progress.update(k, last)
     finally:
         progress.close()
@@ -343,10 +395,16 @@ def _execute(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
-    mapped = built.bundle.mapped  # memory-mapped data: packed masks, the data never written
     rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
+    out_format = c["output"].get("format", "dense")
+    if out_format != "dense" and mapped is not None:
+        raise RuntimeError(
+            f"output.format={out_format}: memory-mapped data is written dense "
+            "(use output.format=dense, or data.mmap=false when the data fits in memory)"
+        )
+    final_masks = {n: sp.get_mask(n).detach() for n in names} if out_format != "dense" else {}
     sp.squash_mask(leave_parametrized=mapped is None)
     tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
@@ -359,13 +417,33 @@ def _execute(
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        path = built.bundle.save(data_dir / "sparsified", masks=sp)
-        file_bytes = path.stat().st_size
-        sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
-        sizes["size/dense_bytes"] = file_bytes
-        log.info("sparsified data written to %s", path)
-    sizes["size/compression_ratio"] = sizes["size/dense_bytes"] / max(
-        sizes["size/compressed_bytes"], 1
+        if out_format == "dense":
+            path = built.bundle.save(data_dir / "sparsified", masks=sp)
+            file_bytes = path.stat().st_size
+            sizes["size/compressed_bytes"] += file_bytes - sizes["size/dense_bytes"]
+            sizes["size/dense_bytes"] = file_bytes
+            log.info("sparsified data (dense) written to %s (%s)", path, human_bytes(file_bytes))
+        else:
+            path, layouts = built.bundle.save_sparse(
+                data_dir / "sparsified", final_masks, SPARSE_LAYOUTS[out_format]
+            )
+            sizes["size/compressed_bytes"] = float(path.stat().st_size)
+            log.info(
+                "sparsified data (%s: %s) written to %s (%s = size/compressed_bytes; "
+                "load it with sparsify_exp.load_sparse)",
+                out_format,
+                ", ".join(f"{v} {k}" for k, v in Counter(layouts.values()).items()) or "none",
+                path,
+                human_bytes(sizes["size/compressed_bytes"]),
+            )
+        log.info(
+            "%s",
+            "it is also logged as the run's artifact data/"
+            if m["log_data"]
+            else "not logged to MLflow (mlflow.log_data=false)",
+        )
+    sizes["size/compressed_to_dense"] = sizes["size/compressed_bytes"] / max(
+        sizes["size/dense_bytes"], 1
     )
     sizes.update(rows)
     tracker.log_metrics(sizes, step=final)

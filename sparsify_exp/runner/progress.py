@@ -1,5 +1,5 @@
 """What a person reads on the terminal: the steps' progress (tqdm on a terminal, a few plain
-log lines otherwise) and sizes in binary units."""
+log lines otherwise); sizes in decimal units (:func:`sparsify_exp.units.human_bytes`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import logging
 import math
 import sys
 from collections.abc import Mapping
+
+from sparsify_exp.units import human_bytes
+
+__all__ = ["Progress", "human_bytes", "percent"]
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -40,12 +44,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def human_bytes(n: float, digits: int = 1) -> str:
-    """``11.0 MiB``: bytes in B / KiB / MiB / GiB."""
-    power = next((p for p in (0, 1, 2) if abs(n) < 1024 ** (p + 1)), 3)
-    return f"{n:.0f} B" if not power else f"{n / 1024**power:.{digits}f} {'KMG'[power - 1]}iB"
 
 
 def percent(fraction: float) -> str:

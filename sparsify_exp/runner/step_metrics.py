@@ -79,6 +79,7 @@ class StepMetrics:
         schedule_param: str | None = None,
         track_churn: bool = False,
     ) -> None:
+        from sparsify_exp.runner.tracking.keys import per_name_key
         from sparsify_exp.runner.tracking.store import metric_key
 
         self.names = list(names)
@@ -87,7 +88,7 @@ class StepMetrics:
         self.schedule_param = schedule_param
         self.schedule_key = metric_key("schedule", schedule_param) if schedule_param else ""
         self.keyed = {
-            n: metric_key("sparsity", n if n not in SUMMARY_KEYS else f"{n}_")
+            n: per_name_key("sparsity", n if n not in SUMMARY_KEYS else f"{n}_")
             for n in self.names[:max_name_metrics]
         }
         self.churn = MaskChurn() if track_churn else None

@@ -23,6 +23,17 @@ def _data_module(c: Mapping[str, Any]) -> Any:
         return None
 
 
+def _tokenizer_known_missing(module: Any, data: Mapping[str, Any]) -> bool:
+    """A source's ``has_tokenizer(**data config)`` says False (not merely unknown)."""
+    check = getattr(module, "has_tokenizer", None)
+    if check is None:
+        return False
+    try:
+        return check(**{k: v for k, v in data.items() if not k.startswith("_")}) is False
+    except Exception:
+        return False
+
+
 def calibration_problems(
     c: Mapping[str, Any], sparsifier: Any, calibration_fn: Any
 ) -> list[tuple[str, Any, str]]:
@@ -55,6 +66,22 @@ def calibration_problems(
                 f"calibration runs inputs through a model, and this data source ({source}) "
                 "holds tensors without one: use a data source with a model (data=model, "
                 "data=dlrm) or calibration=none",
+            )
+        )
+    elif (
+        isinstance(calibration_fn, type)
+        and issubclass(calibration_fn, TextCalibration)
+        and module is not None
+        and getattr(module, "TOKENIZER", False) is True
+        and _tokenizer_known_missing(module, c["data"])
+    ):
+        problems.append(
+            (
+                "calibration._target_",
+                node.get("_target_"),
+                f"calibration=text tokenizes with the model's tokenizer, and "
+                f"data.path={c['data'].get('path')} has no tokenizer files: add them to the "
+                "model folder, or use calibration=batches",
             )
         )
     elif (

@@ -9,7 +9,8 @@ shipped here:
 - :mod:`sparsify_exp.runner.data.model`      -- the parameters of an ``nn.Module`` (default:
   :class:`MLP`);
 - :mod:`sparsify_exp.runner.data.embeddings` -- ``nn.Embedding`` / ``nn.EmbeddingBag`` tables;
-- :mod:`sparsify_exp.runner.data.file`       -- a ``.safetensors`` file or a torch state_dict.
+- :mod:`sparsify_exp.runner.data.file`       -- a ``.safetensors`` file or a torch state_dict;
+- :mod:`sparsify_exp.runner.data.hf`         -- a Hugging Face model folder or hub id.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ class DataBundle:
     """The :class:`~sparsify_exp.streaming.Checkpoint` when the data is memory-mapped: its
     masks are held packed and ``save`` streams the squash to a new ``.safetensors`` file."""
     tokenizer: Any = None
-    """A language model's tokenizer (``tokenizer(text, add_special_tokens=False)["input_ids"]``,
-    optionally ``build_inputs_with_special_tokens``), for ``calibration=text``; a source that
-    sets one says ``TOKENIZER = True`` in its module, so the config is checked up front."""
+    """The model's tokenizer (``data=hf``), for evaluators and ``calibration=text``; None
+    without one. A source that sets one says ``TOKENIZER = True`` in its module, so a
+    calibration=text config is checked before any run."""
 
     @property
     def suffix(self) -> str:
@@ -100,10 +101,24 @@ class DataBundle:
             metadata = dict(self.metadata) or None
             write_squashed(self.tensors(), masks, path, metadata=metadata, source=self.mapped)
         elif self.format == "torch":
-            torch.save(self.payload if self.payload is not None else self.tensors(), path)
+            from sparsify_exp.atomic import atomic_save
+
+            atomic_save(self.payload if self.payload is not None else self.tensors(), path)
         else:
             write_safetensors(self.tensors(), path, metadata=dict(self.metadata) or None)
         return path
+
+    def save_sparse(
+        self, stem: Path, masks: Mapping[str, torch.Tensor], layout: str
+    ) -> tuple[Path, dict[str, str]]:
+        """Writes the squashed data as one ``.safetensors`` file with each masked name in
+        ``layout`` (:func:`sparsify_exp.save_sparse`); returns the file and each masked
+        name's layout as written."""
+        from sparsify_exp.sparse_format import save_sparse
+
+        path = stem.with_suffix(".safetensors")
+        layouts = save_sparse(self.tensors(), path, masks, layout=layout, metadata=self.metadata)
+        return path, layouts
 
 
 def as_tensor(obj: torch.Tensor | nn.Module) -> torch.Tensor:
@@ -146,4 +161,7 @@ def write_safetensors(
         elif ptr != -1:
             seen.add(ptr)
         clean[name] = t.cpu()
-    save_file(clean, str(path), metadata=metadata)
+    from sparsify_exp.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed write never leaves a torn file at ``path``
+        save_file(clean, str(tmp), metadata=metadata)

@@ -65,7 +65,8 @@ def list_names(path: str | Path) -> list[str]:
             names = []
             for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(k)
-                if sl.get_dtype().startswith(("F", "BF")) and len(sl.get_shape()) >= 1:
+                shape = sl.get_shape()
+                if sl.get_dtype().startswith(("F", "BF")) and len(shape) >= 1 and 0 not in shape:
                     names.append(k)
             return names
     return [n for n, t in _torch_tensors(_load_torch(path, mmap=True), path) if sparsifiable(t)]
@@ -90,17 +91,62 @@ def _load_torch(path: Path, mmap: bool = False) -> Any:
 
 
 def _checkpoint(path: str) -> str:
-    """A readable checkpoint: a known suffix, and the file is there."""
+    """A readable checkpoint: a known suffix, the file is there, and it holds named floating
+    tensors with entries (a state_dict, not a list; not only 0-size tensors)."""
     p = Path(path).expanduser()
     if p.suffix not in SUFFIXES:
         raise ValueError(f"must end in one of: {', '.join(SUFFIXES)}")
     if not p.is_file():
         raise ValueError(f"no such file ({p if p.is_absolute() else Path.cwd() / p})")
+    payload = None
     try:
-        list_names(p)
+        if p.suffix in TORCH_SUFFIXES:
+            payload = _load_torch(p, mmap=True)
+        names = list_names(p)
     except Exception as e:
         raise ValueError(f"not readable: {e}") from e
+    if payload is not None and not isinstance(payload, (torch.Tensor, MutableMapping)):
+        raise ValueError(
+            f"{p} holds {_what(payload)}, not tensors by name; save a dict "
+            "(a state_dict: name -> tensor)"
+        )
+    if not names:
+        raise ValueError(
+            f"{p} holds no floating tensor with entries to sparsify (it holds: {_contents(p)})"
+        )
     return path
+
+
+def _what(obj: Any) -> str:
+    """``a list of 3 tensors``, ``a str``: what a torch file holds, in words."""
+    if isinstance(obj, (list, tuple)):
+        kinds = {type(v).__name__ for v in obj}
+        of = "tensors" if kinds == {"Tensor"} else "items (" + ", ".join(sorted(kinds)) + ")"
+        return f"a {type(obj).__name__} of {len(obj)} {of}"
+    return f"a {type(obj).__name__}"
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _contents(p: Path, limit: int = 8) -> str:
+    """The first tensors of a checkpoint with dtype and shape (``w float32 0x4, ...``)."""
+    if p.suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            slices = [(k, f.get_slice(k)) for k in list(f.keys())[: limit + 1]]
+            items = [
+                (k, _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower()), sl.get_shape())
+                for k, sl in slices
+            ]
+    else:
+        tensors = _torch_tensors(_load_torch(p, mmap=True), p)[: limit + 1]
+        items = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in tensors]
+    if not items:
+        return "nothing"
+    text = ", ".join(f"{n} {d} {'x'.join(map(str, s)) or 'scalar'}" for n, d, s in items[:limit])
+    return text + (", ..." if len(items) > limit else "")
 
 
 def _selects_something(include: list[str], info: ValidationInfo) -> list[str]:

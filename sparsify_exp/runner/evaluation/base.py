@@ -7,6 +7,10 @@ The runner calls three hooks on every configured evaluator, in order:
    the masks are both available (``sparsifier.get_data(name)``, ``sparsifier.get_mask(name)``).
 3. ``on_end``    -- after ``squash_mask()``: the user's own tensors/modules hold sparse values.
 
+An evaluator with ``wants_dense = True`` finds in ``ctx.dense`` (:class:`DenseReference`) a
+copy of the model or data taken before the first step, in every hook. One that only compares
+outputs can instead keep what it measured in ``on_start`` (no model copy).
+
 With ``eval.every=N``, ``on_step`` also runs after every N-th schedule step (not the last,
 which ``on_masked`` and ``on_end`` cover), with the masks of that step; by default it is
 ``on_masked``. Its metrics share the keys and the step axis of the others.
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from sparsify_exp.runner.evaluation._util import metric_key
+from sparsify_exp.runner.tracking.keys import per_name_key
 from sparsify_exp.sparsifier import BaseDataSparsifier
 
 Metrics = dict[str, float]
@@ -52,6 +57,33 @@ class EvalContext:
     ``mlflow.max_name_metrics``, one cap for every per-name family)."""
     per_name: dict[str, dict[str, float]] = field(default_factory=dict)
     """``name -> {column: value}``: what the evaluators measured per name, for ``per_name.csv``."""
+    tokenizer: Any = None
+    """The model's tokenizer when the data source has one (``data=hf``)."""
+    dense: DenseReference | None = None
+    """The data as it was before the first step, for evaluators that set ``wants_dense``."""
+
+
+@dataclass
+class DenseReference:
+    """A copy of the model (or of the named data) taken before the first step: what a hook
+    compares the sparsified data with, without the evaluator caching it."""
+
+    model: nn.Module | None
+    named_data: Mapping[str, torch.Tensor | nn.Module]
+
+    @classmethod
+    def capture(
+        cls, model: nn.Module | None, named_data: Mapping[str, torch.Tensor | nn.Module]
+    ) -> DenseReference:
+        """Deep copies: of the model (the named data then refer into the copy), or of each
+        named datum."""
+        import copy
+
+        if model is None:
+            return cls(None, {n: copy.deepcopy(obj) for n, obj in named_data.items()})
+        dense = copy.deepcopy(model)
+        params = dict(dense.named_parameters(remove_duplicate=False))
+        return cls(dense, {n: params.get(n, obj) for n, obj in named_data.items()})
 
 
 class Evaluator:
@@ -63,6 +95,9 @@ class Evaluator:
     ``_summary/<name>_<metric>``."""
     max_names: int | None = None
     """Per-name MLflow keys for at most this many names; None: ``ctx.max_names``."""
+    wants_dense: bool = False
+    """True: the runner copies the data before the first step into ``ctx.dense`` (memory:
+    one more copy of the model), so every hook can compare with it."""
 
     def summary(self, metrics: Mapping[str, float]) -> Metrics:
         """``{short name: value}`` of the headline metrics among ``metrics``."""
@@ -83,7 +118,7 @@ class Evaluator:
             ctx.per_name.setdefault(name, {})[column] = float(value)
         cap = ctx.max_names if self.max_names is None else self.max_names
         return {
-            metric_key(self.name, metric, name): float(value)
+            per_name_key(metric_key(self.name, metric), name): float(value)
             for name, value in list(values.items())[:cap]
         }
 

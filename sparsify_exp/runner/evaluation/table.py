@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from sparsify_exp.runner.evaluation._util import metric_key
 from sparsify_exp.runner.evaluation.base import EvalContext, Evaluator, Metrics
+from sparsify_exp.runner.tracking.keys import per_name_key
 
 __all__ = ["TableEvaluator"]
 
@@ -51,5 +52,5 @@ class TableEvaluator(Evaluator):
             "table/processes": float(processes),
         }
         for name, (k, n) in list(zip(names, counts.tolist(), strict=True))[: self.max_names]:
-            metrics[metric_key(self.name, "sparsity", name)] = 1.0 - k / max(n, 1)
+            metrics[per_name_key(metric_key(self.name, "sparsity"), name)] = 1.0 - k / max(n, 1)
         return metrics

@@ -5,11 +5,17 @@ A callable, given by its dotted path (``fn: mypkg.evals.accuracy``) or built by 
 source built one) or the mapping ``name -> data`` and returns a dict of numbers. It runs on
 the dense data (``on_start``) and on the squashed data (``on_end``); each metric ``m`` is
 logged as ``task/m/dense``, ``task/m/sparse`` and ``task/m/delta`` (sparse - dense).
+
+A callable with a ``dense`` parameter compares the two itself: it is called once, after the
+squash, as ``fn(model, dense=<the model before the first step>)`` (or with the named data),
+and its metrics are logged as ``task/m/sparse`` only: no forward pass is spent on the dense
+model against itself.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,6 +54,14 @@ def resolve_callable(fn: str | Callable[..., Any]) -> Callable[..., Any]:
     raise ValueError(f"fn={fn!r}: no importable module in this path")
 
 
+def _takes_dense(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` has a parameter named ``dense``."""
+    try:
+        return "dense" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
 class TaskEvaluator(Evaluator):
     """Runs a user callable on the dense and on the sparsified data; logs both and the delta."""
 
@@ -68,6 +82,7 @@ class TaskEvaluator(Evaluator):
         self.kwargs = dict(kwargs or {})
         self.name = name
         self._dense: dict[str, float] = {}
+        self.wants_dense = _takes_dense(self.fn)
 
     def summary(self, metrics: Mapping[str, float]) -> Metrics:
         """Each metric on the sparsified data (``<name>_<m>``) and its change from dense
@@ -92,8 +107,16 @@ class TaskEvaluator(Evaluator):
         return dict(ctx.named_data)
 
     def _call(self, ctx: EvalContext) -> dict[str, float]:
+        kwargs = dict(self.kwargs)
+        if self.wants_dense:
+            if ctx.dense is None:
+                raise RuntimeError(f"{self.name}: the runner gave no dense reference")
+            use_model = self.receives == "model" or (
+                self.receives == "auto" and ctx.model is not None
+            )
+            kwargs["dense"] = ctx.dense.model if use_model else dict(ctx.dense.named_data)
         with torch.no_grad():
-            result = self.fn(self._subject(ctx), **self.kwargs)
+            result = self.fn(self._subject(ctx), **kwargs)
         if not isinstance(result, Mapping):
             raise TypeError(
                 f"{self.name}: {self.fn_name} returned {type(result).__name__}, "
@@ -111,6 +134,8 @@ class TaskEvaluator(Evaluator):
         return out
 
     def on_start(self, ctx: EvalContext) -> Metrics:
+        if self.wants_dense:  # the callable compares with the dense model itself, at the end
+            return {}
         self._dense = self._call(ctx)
         return {metric_key(self.name, k, "dense"): v for k, v in self._dense.items()}
 

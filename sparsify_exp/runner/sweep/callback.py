@@ -35,10 +35,13 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sparsify_exp.runner import methods
 from sparsify_exp.runner.config import ConfigError, format_value
 from sparsify_exp.runner.context import absolute_under
 from sparsify_exp.runner.signals import is_stop
-from sparsify_exp.runner.sweep.views import run_page
+from sparsify_exp.runner.sweep import naming
+from sparsify_exp.runner.sweep.answer import log_answer
+from sparsify_exp.runner.sweep.views import run_page, view_page
 from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.validate import validate
 
@@ -72,6 +75,7 @@ class _Sweep:
     prev_env: str | None
     pick: dict[str, Any] = field(default_factory=dict)
     swept: list[str] = field(default_factory=list)
+    beater: Any = None
 
 
 _ACTIVE_SWEEP: _Sweep | None = None
@@ -154,12 +158,12 @@ class SweepCallback(Callback):
         except StoreUnreachable as e:  # every job would fail the same way: stop here
             sys.stderr.write(f"{e}\n")
             raise SystemExit(1) from None
-        except Exception as e:  # Hydra would downgrade it to a warning: say what it means
-            log.error(
-                "could not create the sweep's parent run (%s: %s); jobs log without a parent",
-                type(e).__name__,
-                e,
+        except Exception as e:  # Hydra would downgrade it to a warning: stop before any job
+            sys.stderr.write(
+                f"could not create the sweep's parent run ({tr.failure_reason(e)}); "
+                "no job was started\n"
             )
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish_sweep()
@@ -189,15 +193,26 @@ def _validate_sweep(config: DictConfig) -> tuple[list[list[str]], bool]:
     except Exception as e:  # Hydra reports bad override syntax itself, later
         log.debug("could not expand the sweep: %s", e)
         jobs, complete = [], False
-    problems: list[str] = []
+    conflict = methods.conflicting_choice(list(config.hydra.overrides.task))
+    problems: list[str] = [conflict] if conflict else []
+    lacking: dict[str, list[str]] = {}  # a key some jobs' method has no place for
+    having: dict[str, list[str]] = {}
     config_name = OmegaConf.select(config, "hydra.job.config_name", default=None) or "config"
-    for overrides in jobs:
+    for overrides in [] if conflict else jobs:
+        method = methods.method_of(overrides)
         try:
             job_cfg = compose(config_name=config_name, overrides=overrides)
         except Exception as e:
-            problems.append(f"{' '.join(overrides)}: {str(e).splitlines()[0]}")
+            key = methods.missing_key(e)
+            if key is not None:
+                lacking.setdefault(key, []).append(method)
+            else:
+                problems.append(f"{' '.join(overrides)}: {str(e).splitlines()[0]}")
             continue
+        for o in overrides:
+            having.setdefault(o.split("=", 1)[0].lstrip("+~"), []).append(method)
         problems.extend(validate(job_cfg))
+    problems = methods.missing_key_lines(lacking, having) + problems
     problems.extend(_sweeper_problems(config))
     if problems:
         sys.stderr.write(ConfigError(list(dict.fromkeys(problems))).report() + "\n")
@@ -231,29 +246,34 @@ def _sweeper_problems(config: DictConfig) -> list[str]:
 
 def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     global _ACTIVE_SWEEP
-    from mlflow.tracking import MlflowClient
 
-    from sparsify_exp.runner.tracking import reachability
+    from sparsify_exp.runner.tracking import heartbeat, reachability
 
     launch = Path(config.hydra.runtime.cwd)
     uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
     reachability.configure_http(uri, float(config.mlflow.request_timeout_s))
     reachability.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
-    client = MlflowClient(tracking_uri=uri)
+    client = tr.open_client(uri)
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
+    heartbeat_s = float(config.mlflow.get("heartbeat_s") or 30)
+    try:  # a sweep killed earlier left its parent RUNNING: mark it now
+        stale_s = config.mlflow.get("heartbeat_stale_s") or 10 * heartbeat_s
+        heartbeat.reap_dead_runs(client, exp_id, float(stale_s))
+    except Exception as e:  # never stops a sweep: the next start tries again
+        log.warning("could not check for runs whose process died: %s", e)
     sweep_dir = str(absolute_under(launch, config.hydra.sweep.dir))
     overrides = " ".join(config.hydra.overrides.task)
     for key in TRIAL_BUDGET_KEYS:
         if n_jobs is None:
             n_jobs = OmegaConf.select(config, key, default=None)
-    choices = OmegaConf.to_container(config.hydra.runtime.choices)
+    choices: dict[str, Any] = OmegaConf.to_container(config.hydra.runtime.choices)  # type: ignore[assignment]
+    swept = dict(_swept(config))
     tags = {
         **{
             f"{tr.CHOICE_TAG_PREFIX}{k}": format_value(v)
-            for k, v in choices.items()  # type: ignore[union-attr]
-            if not k.startswith("hydra/") and k != "hydra"
+            for k, v in naming.choice_tags(choices, swept).items()
         },
-        "mlflow.runName": _sweep_name(config),
+        "mlflow.runName": naming.sweep_name(choices, swept),
         tr.OVERRIDES_TAG: overrides,
         "sparsify.jobs": str(n_jobs) if n_jobs is not None else "unknown",
         "sparsify.sweeper": str(
@@ -264,6 +284,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         ).rsplit(".", 1)[-1],
         **tr.git_info(Path(__file__).resolve().parent),
         **{str(k): str(v) for k, v in (config.mlflow.get("tags") or {}).items()},
+        heartbeat.HEARTBEAT_TAG: str(int(time.time())),
     }
     run_id = tr.start_sweep_run(
         client, exp_id, sweep_dir, {k: v for k, v in tags.items() if v is not None}
@@ -284,6 +305,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         prev,
         OmegaConf.to_container(pick) if pick is not None else {},  # type: ignore[arg-type]
         [k for k, _ in _swept(config)],
+        heartbeat.Beater(client, run_id, heartbeat_s),
     )
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
@@ -310,24 +332,15 @@ def _swept(config: DictConfig) -> list[tuple[str, str]]:
     ]
 
 
-def _sweep_name(config: DictConfig) -> str:
-    """``sweep data_norm x embeddings: level 0.2,0.5,0.8``: the choices, then what varies."""
-    choices = config.hydra.runtime.choices
-    what = " x ".join(str(choices[g]) for g in ("sparsifier", "data") if g in choices)
-    varied = ", ".join(f"{tr.short_key(k)} {v}" for k, v in _swept(config))
-    return f"sweep {what}: {varied}" if varied else f"sweep {what}"
-
-
 def objective(cfg: DictConfig, run_id: str) -> float:
     """What a job returns to an optimizing sweeper: the run's last ``objective.metric``, or
     ``objective.infeasible`` when a metric in ``objective.max`` ended above its bound (or is
     missing: a warning names it). NaN when the run has no ``objective.metric`` (optuna then
     marks the trial failed)."""
-    from mlflow.tracking import MlflowClient
 
     spec: Mapping[str, Any] = cfg.get("objective") or {}
     uri = tr.resolve_tracking_uri(cfg.mlflow.tracking_uri, _launch_dir())
-    metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    metrics = tr.open_client(uri).get_run(run_id).data.metrics
     metric = str(spec.get("metric", tr.SPARSITY_KEY))
     bounds = {str(k): float(v) for k, v in (spec.get("max") or {}).items()}
     missing = [k for k in (metric, *bounds) if k not in metrics]
@@ -358,17 +371,18 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
     sweep, _ACTIVE_SWEEP = _ACTIVE_SWEEP, None
     if sweep is None:
         return
-    from mlflow.tracking import MlflowClient
 
     from sparsify_exp.runner.sweep.report import ARTIFACT_DIR as REPORT_DIR
     from sparsify_exp.runner.sweep.report import write_sweep_report
 
+    if sweep.beater is not None:
+        sweep.beater.stop()
     os.environ.pop(tr.SWEPT_ENV, None)
     if sweep.prev_env is None:
         os.environ.pop(tr.PARENT_ENV, None)
     else:
         os.environ[tr.PARENT_ENV] = sweep.prev_env
-    client = MlflowClient(tracking_uri=sweep.uri)
+    client = tr.open_client(sweep.uri)
     stopped = aborted is not None and is_stop(aborted)
     try:
         _, children = tr.find_sweep_runs(client, sweep.run_id)
@@ -382,7 +396,7 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         failed = sum(r.info.status != "FINISHED" for r in children)
         client.set_tag(sweep.run_id, "sparsify.jobs_finished", str(len(children) - failed))
         client.set_tag(sweep.run_id, "sparsify.jobs_failed", str(failed))
-        answer = _log_pick(client, sweep, children)  # first: the report marks the pick
+        answer, view = log_answer(client, sweep.run_id, sweep.pick, sweep.swept, children)
         try:
             write_sweep_report(client, sweep.run_id)
         except Exception as e:
@@ -403,60 +417,20 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         else:
             client.set_terminated(sweep.run_id, "FINISHED")
         parent = client.get_run(sweep.run_id)
-        url = run_page(sweep.uri, parent.info.experiment_id, sweep.run_id)
+        exp_id = parent.info.experiment_id
+        url = (
+            view_page(sweep.uri, exp_id, view)
+            if view
+            else run_page(sweep.uri, exp_id, sweep.run_id)
+        )
         log.info(
-            "sweep %s: %d of %d jobs finished; picked %s; parent run: %s",
+            "sweep %s: %d of %d jobs finished; picked %s; %s: %s",
             parent.info.status,
             len(children) - failed,
             len(children),
             answer,
+            "the trade-off" if view else "parent run",
             url,
         )
     except Exception as e:
         log.warning("could not close sweep parent run %s: %s", sweep.run_id, e)
-
-
-def _log_pick(client: Any, sweep: _Sweep, children: list[Any]) -> str:
-    """Logs on the parent run the picked child's summary metrics, tags naming it and the rule,
-    a description with the answer and a link to the sweep's runs-table view; returns the pick
-    in words."""
-    from mlflow.entities import Metric
-
-    from sparsify_exp.runner.sweep.pick import describe, pick_child
-    from sparsify_exp.runner.sweep.summary import is_summary
-    from sparsify_exp.runner.sweep.views import column, save_sweep_view, view_fragment
-
-    pick = pick_child(children, sweep.pick)
-    rule = pick.rule
-    if pick.unused_bounds:
-        rule += f" (not logged, so not applied: {'; '.join(pick.unused_bounds)})"
-    tags = {"sparsify.pick_rule": rule}
-    keys = sorted({k for r in children for k in r.data.metrics if is_summary(k)})
-    if pick.run is not None:
-        m = pick.run.data.metrics
-        now = int(time.time() * 1000)
-        client.log_batch(
-            sweep.run_id, metrics=[Metric(k, float(m[k]), now, 0) for k in keys if k in m]
-        )
-        tags |= {"sparsify.pick": pick.name, "sparsify.pick_run_id": pick.run.info.run_id}
-    answer = describe(pick, keys)
-    parent = client.get_run(sweep.run_id)
-    exp_id = parent.info.experiment_id
-    view = ""
-    try:
-        columns = [  # a swept group is a choice tag; a swept value, a param
-            column("params", k) if "." in k else column("tags", f"{tr.CHOICE_TAG_PREFIX}{k}")
-            for k in sweep.swept
-        ]
-        key = save_sweep_view(client, exp_id, sweep.run_id, parent.info.run_name, columns, keys)
-        view = f" Every child, summary columns: [runs table](#/{view_fragment(exp_id, key)})."
-    except Exception as e:  # the answer stands without the view
-        log.warning("could not save the sweep's runs-table view: %s", e)
-    tags["mlflow.note.content"] = (
-        f"**Pick: {answer}**\n\nRule: {rule} ({pick.eligible} of {pick.candidates} finished "
-        f"children meet it). The parent's `_summary/` metrics are the pick's.{view} "
-        "The sweep report: `report/sweep_report.md`."
-    )
-    for key_, value in tags.items():
-        client.set_tag(sweep.run_id, key_, value)
-    return answer

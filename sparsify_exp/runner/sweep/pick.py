@@ -2,10 +2,14 @@
 
 ``sweep.pick`` (conf/config.yaml) names the rule: among the FINISHED children whose metrics
 keep within the bounds (``max``: at most, ``min``: at least), the one with the highest
-(``mode: max``) or lowest ``metric``; ties go to the child that started first. The default
-is "the highest sparsity whose quality stays close to dense". A bound on a metric that no
-child logged (an evaluator the sweep did not run) is left out of the rule, and the rule says
-so; a child missing a metric that others logged does not meet that bound.
+(``mode: max``) or lowest ``metric``. Equal metrics (two block shapes at 50%) go to the
+better quality: the bounded metrics in the rule's order (``min`` bounds: higher is better,
+then ``max`` bounds: lower is better), then to the child that started first. The default is
+"the highest sparsity whose quality stays close to dense". A bound on a metric that no child
+logged (an evaluator the sweep did not run) is left out of the rule, and the rule says so; a
+child missing a metric that others logged does not meet that bound. A pick at the edge of
+what was tried (no finished child went further) says so: the bounds never bit, and the real
+limit lies beyond the grid.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ class Pick:
     candidates: int
     eligible: int
     unused_bounds: list[str] = field(default_factory=list)
+    bounds: dict[str, list[Any]] = field(default_factory=dict)
+    """The bounds applied: ``{metric: [">=" | "<=", bound]}``."""
+    at_edge: str = ""
+    """``the highest _summary/sparsity tried: extend the sweep`` when no finished child went
+    further than the pick (empty otherwise)."""
 
     @property
     def name(self) -> str:
@@ -44,8 +53,8 @@ def pick_child(children: Sequence[Any], spec: Mapping[str, Any]) -> Pick:
     finished = [r for r in children if r.info.status == "FINISHED"]
     logged = {k for r in finished for k in r.data.metrics}
     bounds: list[tuple[str, str, float]] = [
-        (str(k), "<=", float(v)) for k, v in (spec.get("max") or {}).items()
-    ] + [(str(k), ">=", float(v)) for k, v in (spec.get("min") or {}).items()]
+        (str(k), ">=", float(v)) for k, v in (spec.get("min") or {}).items()
+    ] + [(str(k), "<=", float(v)) for k, v in (spec.get("max") or {}).items()]
     used = [b for b in bounds if b[0] in logged]
     unused = [f"{k} {op} {_fmt(v)}" for k, op, v in bounds if k not in logged]
     rule = f"{'highest' if mode == 'max' else 'lowest'} {metric}"
@@ -61,30 +70,36 @@ def pick_child(children: Sequence[Any], spec: Mapping[str, Any]) -> Pick:
         return math.isfinite(m.get(metric, math.nan))
 
     eligible = [r for r in finished if meets(r)]
-    best = None
-    if eligible:
-        sign = 1.0 if mode == "max" else -1.0
-        # max() keeps the first of equal keys: children come in start order
-        best = max(eligible, key=lambda r: sign * r.data.metrics[metric])
-    return Pick(best, rule, len(finished), len(eligible), unused)
+    sign = 1.0 if mode == "max" else -1.0
+
+    def better(run: Any) -> tuple[float, ...]:
+        """Larger is better: the metric (to 6 digits, so 0.5 and 0.4999999 tie), then the
+        bounded quality metrics, each signed so that the better value is larger."""
+        m = run.data.metrics
+        quality = [m[k] if op == ">=" else -m[k] for k, op, _ in used]
+        return (sign * float(f"{m[metric]:.6g}"), *quality)
+
+    # max() keeps the first of equal keys: children come in start order
+    best = max(eligible, key=better) if eligible else None
+    edge = ""
+    if best is not None and len(finished) > 1:
+        reached = [sign * r.data.metrics.get(metric, math.nan) for r in finished]
+        if sign * best.data.metrics[metric] >= max(v for v in reached if math.isfinite(v)):
+            what = f"{'highest' if mode == 'max' else 'lowest'} {metric.rsplit('/', 1)[-1]}"
+            edge = f"the {what} tried: extend the sweep"
+    applied = {k: [op, v] for k, op, v in used}
+    return Pick(best, rule, len(finished), len(eligible), unused, applied, edge)
 
 
 def describe(pick: Pick, keys: Sequence[str]) -> str:
-    """``level=0.5 (sparsity 50%, fidelity_rel_error 0.31, 2.6 MB, 0.24x dense)``, or why
+    """``level=0.5 (sparsity 50%, fidelity_rel_error 0.31, 2.6 MB (0.24x dense))``, or why
     nothing was picked."""
-    from sparsify_exp.runner.progress import percent
-    from sparsify_exp.runner.sweep.summary import COMPRESSED_MB, COMPRESSED_TO_DENSE, SPARSITY
+    from sparsify_exp.runner.sweep.summary import headline
 
     if pick.run is None:
         if pick.candidates == 0:
             return "nothing: no child finished"
         return f"nothing: no finished child meets the rule ({pick.rule})"
-    m = pick.run.data.metrics
-    shown = [f"sparsity {percent(m[SPARSITY])}"] if SPARSITY in m else []
-    fixed = (SPARSITY, COMPRESSED_MB, COMPRESSED_TO_DENSE)
-    shown += [f"{k.rsplit('/', 1)[-1]} {m[k]:.4g}" for k in keys if k in m and k not in fixed]
-    if COMPRESSED_MB in m:
-        shown.append(f"{m[COMPRESSED_MB]:.4g} MB")
-    if COMPRESSED_TO_DENSE in m:
-        shown.append(f"{m[COMPRESSED_TO_DENSE]:.3g}x dense")
-    return f"{pick.name} ({', '.join(shown)})" if shown else pick.name
+    shown = headline(pick.run.data.metrics, keys)
+    answer = f"{pick.name} ({shown})" if shown else pick.name
+    return f"{answer}; {pick.at_edge}" if pick.at_edge else answer

@@ -14,6 +14,7 @@ logged key (``fidelity/rel_error/emb`` extends ``fidelity/rel_error``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -38,9 +39,10 @@ DEFAULT_EVALUATORS = ("fidelity", "embedding_bag", "task")
 LEVEL_KEY_PATTERN = re.compile(
     r"(^|\.)(sparsity_level|level|target_sparsity)$|^schedule\.(.*\.)?(target|initial_value)$"
 )
-COMPRESSION_KEY = "size/compression"
+COMPRESSION_KEY = "size/compressed_to_dense"  # compressed / dense: lower is smaller
 SIZE_KEYS = (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY, COMPRESSION_KEY)
 ARTIFACT_DIR = "report"
+TRADEOFF_FILE = "tradeoff.html"
 MAX_PANELS = 9
 
 
@@ -59,6 +61,9 @@ class SweepReport:
     pick: str = ""
     """The child the parent run picked (tag ``sparsify.pick``) and by which rule."""
     pick_rule: str = ""
+    pick_note: str = ""
+    pick_bounds: dict[str, list] = field(default_factory=dict)
+    """The rule's bounds: ``{metric: [">=" | "<=", bound]}`` (tag ``sparsify.pick_bounds``)."""
 
 
 # ----------------------------------------------------------------------------- the table
@@ -135,7 +140,7 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
             "overrides": shown,
             **{k: given[k].fillna("") for k in varied},
             **metric,
-            COMPRESSION_KEY: dense.where(dense != 0) / packed.where(packed != 0),
+            COMPRESSION_KEY: packed.where(packed != 0) / dense.where(dense != 0),
             "error": [(e.strip().splitlines() or [""])[0][:200] for e in errors],
         },
         index=children.index,
@@ -151,13 +156,14 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
 
 
 def _cell(column: str, value: object) -> str:
-    """Sizes in B/KiB/MiB/GiB, ratios as ``1.23x``, other numbers to 4 digits."""
+    """Sizes in decimal units (MB), the size ratio as ``0.531x`` (of dense), other numbers to
+    4 digits."""
     if pd.isna(value):
         return ""
     if column in (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY):
         return human_bytes(value, digits=2)
     if column == COMPRESSION_KEY:
-        return f"{value:.2f}x"
+        return f"{value:.3g}x"
     return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
@@ -181,7 +187,8 @@ def markdown(report: SweepReport) -> str:
         dense = ", ".join(f"`{k}` = {_cell(k, v)}" for k, v in baselines.items())
         lines.append(f"Dense baseline (every job): {dense}.")
     if report.pick:
-        lines.append(f"Picked: **{report.pick}** ({report.pick_rule}).")
+        note = f" Note: {report.pick_note}." if report.pick_note else ""
+        lines.append(f"Picked: **{report.pick}** ({report.pick_rule}).{note}")
     lines += ["", "| " + " | ".join(["run", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
     for _, row in t.iterrows():
         name = str(row["run_name"] or row["run_id"][:8]).replace("|", "\\|")
@@ -279,7 +286,7 @@ def plot_size(report: SweepReport, path: Path) -> bool:
         return False
     timing = [k for k in report.quality_keys if "time" in k.split("/")[-1]][: MAX_PANELS - 1]
     rows = pd.concat(groups.values())
-    scale, unit = (2**20, "MiB") if rows[COMPRESSED_BYTES_KEY].max() > 2**20 else (1024, "KiB")
+    scale, unit = (1e6, "MB") if rows[COMPRESSED_BYTES_KEY].max() > 1e6 else (1e3, "kB")
     with _figure(path, "Size (and speed) against sparsity", 1 + len(timing)) as axes:
         _lines(axes[0], groups, COMPRESSED_BYTES_KEY, f"size on disk ({unit})", scale)
         axes[0].set_title("compressed size of the sparsified data", fontsize=10)
@@ -311,12 +318,40 @@ def build_sweep_report(
     report = build_table(children, parent_run_id, f"Sweep report: experiment {experiment}")
     report.pick = parent.data.tags.get("sparsify.pick", "")
     report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
+    report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
+    report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
     plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}
     report.files = [out / "sweep_report.csv", out / "sweep_report.md"]
     report.files += [out / name for name, plot in plots.items() if plot(report, out / name)]
+    if _tradeoff(report, children, out / TRADEOFF_FILE):
+        report.files.append(out / TRADEOFF_FILE)
     return report
+
+
+def _tradeoff(report: SweepReport, children: pd.DataFrame, path: Path) -> bool:
+    """The interactive trade-off page (:mod:`.charts`) from the finished children's
+    ``_summary/`` metrics and swept values."""
+    from sparsify_exp.runner.sweep.charts import write_tradeoff
+
+    overrides = [parse_overrides(t) for t in _column(children, f"tags.{tr.OVERRIDES_TAG}")]
+    names = _column(children, "tags.mlflow.runName").fillna("")
+    summary = [c for c in children if c.startswith("metrics._summary/")]
+    rows = [
+        {
+            "name": names.iloc[i] or children["run_id"].iloc[i][:8],
+            **{k: o.get(k, "") for k in report.varied_keys},
+            **{c.removeprefix("metrics."): children[c].iloc[i] for c in summary},
+        }
+        for i, o in enumerate(overrides)
+        if children["status"].iloc[i] == "FINISHED"
+    ]
+    frame = pd.DataFrame(rows)
+    varied = {k: [str(v) for v in frame[k]] for k in report.varied_keys} if rows else {}
+    return write_tradeoff(
+        frame, varied, report.series_keys, report.pick, report.pick_bounds, path, report.title
+    )
 
 
 def write_sweep_report(
@@ -348,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.no_log and not args.out:
         parser.error("--no-log needs --out")
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    client = tr.open_client(args.tracking_uri)
     if client.get_experiment_by_name(args.experiment) is None:
         return _fail(f"no experiment named {args.experiment!r}")
     if args.parent:

@@ -11,8 +11,9 @@ reports:
 
 ==================================  ===========================================================
 ``_summary/sparsity``               ``sparsity/overall``: fraction of entries zeroed
-``_summary/compressed_mb``          ``size/compressed_bytes`` / 10⁶: bitmask + kept values
-``_summary/compressed_to_dense``    compressed / dense bytes (lower is smaller; 1 = no saving)
+``_summary/size_mb``                ``size/compressed_bytes`` / 10⁶: bitmask + kept values
+``_summary/size_to_dense``          ``size/compressed_to_dense``: compressed / dense bytes
+                                    (lower is smaller; 1 = no saving)
 ``_summary/quantized_mb``           ``size/quantized_bytes`` / 10⁶ (``output.quantize=true``)
 ``_summary/<evaluator>_<metric>``   each evaluator's headline metrics (``Evaluator.headline``)
 ==================================  ===========================================================
@@ -27,8 +28,8 @@ from sparsify_exp.runner.tracking.store import metric_key
 
 PREFIX = "_summary"
 SPARSITY = f"{PREFIX}/sparsity"
-COMPRESSED_MB = f"{PREFIX}/compressed_mb"
-COMPRESSED_TO_DENSE = f"{PREFIX}/compressed_to_dense"
+COMPRESSED_MB = f"{PREFIX}/size_mb"
+COMPRESSED_TO_DENSE = f"{PREFIX}/size_to_dense"
 QUANTIZED_MB = f"{PREFIX}/quantized_mb"
 
 _MB = 1e6
@@ -37,7 +38,7 @@ _MB = 1e6
 FROM_DETAIL: dict[str, tuple[str, Callable[[float], float]]] = {
     "sparsity/overall": (SPARSITY, float),
     "size/compressed_bytes": (COMPRESSED_MB, lambda b: b / _MB),
-    "size/compression_ratio": (COMPRESSED_TO_DENSE, lambda r: 1.0 / r if r else float("inf")),
+    "size/compressed_to_dense": (COMPRESSED_TO_DENSE, float),
     "size/quantized_bytes": (QUANTIZED_MB, lambda b: b / _MB),
 }
 
@@ -48,6 +49,26 @@ def is_summary(key: str) -> bool:
 
 def _readable(value: float) -> float:
     return float(f"{value:.6g}")
+
+
+def headline(metrics: Mapping[str, float], keys: Iterable[str] | None = None) -> str:
+    """``sparsity 50.0%, fidelity_rel_error 0.3100, 5.87 MB (0.531x dense)``: a run's
+    ``_summary/`` numbers in one short phrase (``keys``: the quality keys to show, default
+    every summary key the run has)."""
+    from sparsify_exp.runner.progress import percent
+
+    fixed = (SPARSITY, COMPRESSED_MB, COMPRESSED_TO_DENSE, QUANTIZED_MB)
+    keys = sorted(k for k in metrics if is_summary(k)) if keys is None else list(keys)
+    shown = [f"sparsity {percent(metrics[SPARSITY])}"] if SPARSITY in metrics else []
+    shown += [
+        f"{k.rsplit('/', 1)[-1]} {metrics[k]:.4g}" for k in keys if k in metrics and k not in fixed
+    ]
+    if COMPRESSED_MB in metrics:
+        size = f"{metrics[COMPRESSED_MB]:.4g} MB"
+        if COMPRESSED_TO_DENSE in metrics:
+            size += f" ({metrics[COMPRESSED_TO_DENSE]:.3g}x dense)"
+        shown.append(size)
+    return ", ".join(shown)
 
 
 class Summarizer:

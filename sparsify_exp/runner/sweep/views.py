@@ -5,9 +5,13 @@ A saved view is what the UI's "Views" menu stores: an experiment tag
 ``mlflow.sharedViewState.<key>`` holding ``{"name", "createdAt", "updatedAt", "state"}`` (the
 state a JSON string), opened by ``?viewStateShareKey=<key>`` on the runs page. The runner saves
 one per sweep, keyed by the parent run id: the sweep's children (a search filter on
-``mlflow.parentRunId``), sorted by sparsity, with the swept params and the ``_summary/`` metrics
-as columns. ``workflowType=machine_learning`` opens the classic runs view rather than the
-GenAI one MLflow 3 starts in.
+``mlflow.parentRunId``), sorted by sparsity, with the pick marked, the swept params, the quality
+headlines, sparsity and size as columns fitted to their headers; and, in its chart mode
+(``compareRunsMode=CHART``), a "Trade-off" section: sparsity against each quality headline
+(scatter) and parallel coordinates over the swept params and the headlines. The UI cannot
+draw a bound line: the parent's ``report/tradeoff.html`` (plotly) does.
+``workflowType=machine_learning`` opens the classic runs view rather than the GenAI one MLflow 3
+starts in.
 """
 
 from __future__ import annotations
@@ -53,27 +57,104 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
+def view_page(uri: str, experiment_id: str, key: str, charts: bool = False) -> str:
+    """A saved view's page (its charts with ``charts``), or the command to serve it, then it."""
+    return _page(
+        uri, view_fragment(experiment_id, key) + ("&compareRunsMode=CHART" if charts else "")
+    )
+
+
+def _width(label: str) -> int:
+    """A column wide enough for its whole header (the UI's font: ~7 px a character)."""
+    return max(90, 7 * len(label) + 40)
+
+
+def _chart(kind: str, name: str, section: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "uuid": f"sweep-{kind.lower()}-{name}",
+        "type": kind,
+        "displayName": name,
+        "metricSectionId": section,
+        "isGenerated": False,
+        "deleted": False,
+        "runsCountToCompare": 100,
+        **fields,
+    }
+
+
+def tradeoff_charts(
+    swept_params: Sequence[str], quality: Sequence[str], size: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(charts, sections)`` of the view's chart mode: one "Trade-off" section first, with a
+    scatter of sparsity against each quality headline and the size, and parallel coordinates
+    over the swept params, sparsity, the headlines and the size."""
+    section = "sweep-tradeoff"
+    sections = [
+        {
+            "uuid": section,
+            "name": "Trade-off",
+            "display": True,
+            "isReordered": False,
+            "deleted": False,
+            "isGenerated": False,
+        }
+    ]
+
+    def axis(key: str) -> dict[str, str]:
+        return {"key": key, "type": "METRIC"}
+
+    charts = [
+        _chart(
+            "SCATTER",
+            f"{key.rsplit('/', 1)[-1]} vs sparsity",
+            section,
+            xaxis=axis(SPARSITY),
+            yaxis=axis(key),
+        )
+        for key in [*quality, *size[:1]]
+    ]
+    charts.append(
+        _chart(
+            "PARALLEL",
+            "swept settings -> sparsity, quality, size",
+            section,
+            selectedParams=list(swept_params),
+            selectedMetrics=[SPARSITY, *quality, *size[:1]],
+            showAllRuns=True,
+        )
+    )
+    return charts, sections
+
+
 def save_sweep_view(
     client: Any,
     experiment_id: str,
     parent_run_id: str,
     name: str,
-    swept_columns: Sequence[str],
-    summary_metrics: Sequence[str],
+    columns: Sequence[str],
+    charts: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
 ) -> str:
-    """Saves the sweep's runs-table view (see the module doc): ``swept_columns`` (column ids,
-    see :func:`column`) then the summary metrics; returns its key."""
-    columns = [*swept_columns, *(column("metrics", k) for k in summary_metrics)]
-    state = {
+    """Saves the sweep's view (see the module doc): ``columns`` (column ids, see
+    :func:`column`) in this order, each as wide as its header, and the chart mode's
+    ``(charts, sections)``; returns its key."""
+    columns = list(columns)
+    state: dict[str, Any] = {
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
         "orderByKey": column("metrics", SPARSITY),
         "orderByAsc": False,
         "lifecycleFilter": "Active",
-        "selectedColumns": [column("attributes", "Duration"), *columns],
+        "selectedColumns": columns,
         "columnOrder": columns,
-        "columnWidths": dict.fromkeys(columns, 150),
+        "columnWidths": {c: _width(c.split(".", 1)[1].strip("`")) for c in columns},
         "runsHiddenMode": "SHOW_ALL",
     }
+    if charts is not None:
+        state |= {
+            "compareRunCharts": charts[0],
+            "compareRunSections": charts[1],
+            "isAccordionReordered": True,
+            "hideEmptyCharts": True,
+        }
     now = int(time.time() * 1000)
     envelope = {"name": name[:200], "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
     client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + parent_run_id, json.dumps(envelope))

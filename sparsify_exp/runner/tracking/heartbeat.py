@@ -76,3 +76,33 @@ def reap_dead_runs(
         token = page.token
         if not token:
             return reaped
+
+
+class Beater:
+    """Refreshes a run's ``sparsify.heartbeat`` tag every ``every_s`` seconds from a daemon
+    thread, for runs that have no spool flusher to do it (a sweep's parent): if the process
+    dies, the next start marks the run FAILED like any other."""
+
+    def __init__(self, client: Any, run_id: str, every_s: float):
+        import threading
+
+        self.client, self.run_id, self.every_s = client, run_id, float(every_s)
+        self._stop = threading.Event()
+        self._warned = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"heartbeat-{run_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception as e:  # the store may be away or busy: the next beat retries
+                if not self._warned:
+                    self._warned = True
+                    log.warning("heartbeat of run %s failed (retrying): %s", self.run_id, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

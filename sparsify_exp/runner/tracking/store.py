@@ -15,6 +15,7 @@ Tags the runner sets (a report or a query can rely on them):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -37,6 +38,7 @@ __all__ = [
     "flatten",
     "git_info",
     "metric_key",
+    "open_client",
     "resolve_tracking_uri",
 ]
 
@@ -69,6 +71,46 @@ def resolve_tracking_uri(configured: str | None, launch_dir: str | os.PathLike) 
     if env:
         return env
     return "sqlite:///" + str(Path(launch_dir).resolve() / "mlflow.db")
+
+
+_PREPARED: set[str] = set()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores, ``:memory:``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def open_client(uri: str | None) -> MlflowClient:
+    """An :class:`MlflowClient` for ``uri`` whose store exists with its whole schema.
+
+    MLflow creates and migrates a new sqlite store in whichever process touches it first;
+    two processes doing so at once corrupt each other's migration ("duplicate column name",
+    "Online migration expected to match one row"). The first use in each process is made
+    under a file lock beside the database (``mlflow.db.lock``), so one process migrates and
+    the others find the schema complete. MLflow caches the store per URI afterwards.
+    """
+    uri = uri or mlflow.get_tracking_uri()
+    db = sqlite_path(uri)
+    if db is None or uri in _PREPARED:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(db) + ".lock", timeout=300)
+    try:
+        lock.acquire()
+    except (OSError, Timeout) as e:  # a read-only folder: nothing can migrate there anyway
+        logging.getLogger("sparsify_exp.runner").debug("store lock for %s: %s", db, e)
+        return MlflowClient(tracking_uri=uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)  # builds (and migrates) the store
+    finally:
+        lock.release()
+    _PREPARED.add(uri)
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -376,8 +418,10 @@ def short_value(value: str) -> str:
 
 
 def swept_run_name(overrides: Iterable[str], swept: Iterable[str]) -> str:
-    """A sweep job's name: only what the sweep varies (``level=0.5 block=1x4``)."""
+    """A sweep job's name: only what the sweep varies (``level=0.5 block=1x4``); a swept
+    group by its option alone (``nm_2_4 level=0.5``), so the method leads the name."""
     values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    return " ".join(
-        f"{short_key(k)}={short_value(values[k])}" for k in swept if k.lstrip("+~") in values
-    )
+    keys = [k.lstrip("+~") for k in swept if k.lstrip("+~") in values]
+    groups = [values[k] for k in keys if "." not in k and "/" not in k]
+    rest = [f"{short_key(k)}={short_value(values[k])}" for k in keys if "." in k or "/" in k]
+    return " ".join(groups + rest)

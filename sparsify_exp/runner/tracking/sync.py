@@ -29,8 +29,13 @@ def sync(
     tracking_uri: str | None = None,
     timeout_s: float = 10.0,
     out=print,
+    clean: bool = False,
 ) -> int:
-    """Uploads every spool under ``path``; returns the exit status (0: all uploaded)."""
+    """Uploads every spool under ``path``; returns the exit status (0: all uploaded).
+    ``clean``: also delete the partial files a killed job left in its folder (when no
+    process holds that folder)."""
+    if clean:
+        _remove_leftovers(Path(path), out)
     spools = sp.Spool.find(path)
     if not spools:
         out(f"nothing to upload: no spool under {path}")
@@ -42,7 +47,6 @@ def sync(
 
 
 def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
-    from mlflow.tracking import MlflowClient
 
     if not spool.lock():
         out(f"{spool.path}: a running job is uploading it; try again when it has ended")
@@ -52,7 +56,7 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
         uri = uri or info["tracking_uri"]
         run_id = info["run_id"]
         reachability.configure_http(uri)
-        upstream = tr.RunTracker(MlflowClient(tracking_uri=uri), run_id)
+        upstream = tr.RunTracker(tr.open_client(uri), run_id)
         uploader = Uploader(spool, upstream)
         deadline = time.monotonic() + timeout_s
         backoff = 0.5
@@ -92,6 +96,17 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
     out(line)
     spool.remove()
     return 0
+
+
+def _remove_leftovers(path: Path, out) -> None:
+    from sparsify_exp.atomic import remove_leftovers
+    from sparsify_exp.runner.context import JOB_LOCK, job_folder_busy
+
+    jobs = [path] if (path / JOB_LOCK).exists() else [p.parent for p in path.glob(f"**/{JOB_LOCK}")]
+    for job_dir in jobs:
+        if job_folder_busy(job_dir) is None:
+            for leftover in remove_leftovers(job_dir):
+                out(f"removed {leftover} (a partial file of a stopped job)")
 
 
 def _end_dead_run(uploader: Uploader) -> str | None:
@@ -136,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.path).exists():
         print(f"no such folder: {args.path}", file=sys.stderr)
         return 2
-    return sync(args.path, args.tracking_uri, args.timeout)
+    return sync(args.path, args.tracking_uri, args.timeout, clean=True)

@@ -18,12 +18,11 @@ from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.tracking.heartbeat import HEARTBEAT_TAG
 from sparsify_exp.runner.tracking.reachability import (
     MAX_BACKOFF_S,
-    StoreRejected,
     Transient,
     is_transient,
     short_reason,
 )
-from sparsify_exp.runner.tracking.spool import REJECTED_FILE, Spool
+from sparsify_exp.runner.tracking.spool import Spool
 from sparsify_exp.runner.tracking.uploader import Uploader, sync_command
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -73,7 +72,6 @@ class SpoolTracker:
         self._seq = 0
         self._artifacts = 0
         self._ending = False
-        self._rejections_seen = 0
         self._wake = threading.Event()
         self._done = threading.Event()
         self._stop = threading.Event()
@@ -91,17 +89,17 @@ class SpoolTracker:
         if not metrics:
             return
         values = {str(k): float(v) for k, v in metrics.items()}
-        self._append({"kind": "metrics", "step": int(step), "values": values}, check=True)
+        self._append({"kind": "metrics", "step": int(step), "values": values})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if params:
             values = {str(k): str(v) for k, v in params.items()}
-            self._append({"kind": "params", "values": values}, check=True)
+            self._append({"kind": "params", "values": values})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if tags:
             values = {str(k): str(v) for k, v in tags.items()}
-            self._append({"kind": "tags", "values": values}, check=True)
+            self._append({"kind": "tags", "values": values})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -119,15 +117,11 @@ class SpoolTracker:
         self._wake.set()
 
     def finish(self) -> None:
-        """Ends the run FINISHED once everything before is uploaded (raises
-        :class:`StoreRejected` when the store refused records: the run is then FAILED)."""
+        """Ends the run FINISHED once everything before is uploaded. Records the store
+        refused (a key it does not take) were said once and are kept in the spool's
+        ``rejected.jsonl``; they do not make a finished run FAILED (its tag
+        ``sparsify.rejected`` counts them)."""
         self._end("FINISHED", None)
-        if self._uploader.rejected:
-            raise StoreRejected(
-                f"the tracking store refused {len(self._uploader.rejected)} record(s) of run "
-                f"{self.run_id} (first: {self._uploader.rejected[0]}); they are kept in "
-                f"{self.spool.path / REJECTED_FILE}"
-            )
 
     def fail(self, error: BaseException, status: str = "FAILED") -> None:
         """Ends the run ``status`` with the reason, once everything before is uploaded."""
@@ -135,17 +129,7 @@ class SpoolTracker:
 
     # ---- internals
 
-    def _raise_rejected(self) -> None:
-        """A record the store refused fails the job at its next call, as a direct call
-        would have (the run is then FAILED with the reason)."""
-        rejected = self._uploader.rejected
-        if len(rejected) > self._rejections_seen and not self._ending:
-            self._rejections_seen = len(rejected)
-            raise StoreRejected(f"the tracking store refused a record: {rejected[-1]}")
-
-    def _append(self, record: dict[str, Any], check: bool = False) -> None:
-        if check:
-            self._raise_rejected()
+    def _append(self, record: dict[str, Any]) -> None:
         with self._lock:
             if self._ending:
                 raise RuntimeError(f"run {self.run_id} was ended; nothing more can be logged")

@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from sparsify_exp.runner.tracking import store as tr
-from sparsify_exp.runner.tracking.heartbeat import NOTE_TAG, PROCESS_DIED, delete_tags, failure_tags
+from sparsify_exp.runner.tracking.heartbeat import (
+    HEARTBEAT_TAG,
+    NOTE_TAG,
+    PROCESS_DIED,
+    delete_tags,
+    failure_tags,
+)
 from sparsify_exp.runner.tracking.reachability import Transient, is_transient, short_reason
 from sparsify_exp.runner.tracking.spool import REJECTED_FILE, Spool
 
@@ -21,6 +27,8 @@ log = logging.getLogger("sparsify_exp.runner")
 #: Metrics sent in one ``log_batch`` call (the client splits it into requests of 1000).
 METRICS_PER_CALL = 5000
 SYNC_MODULE = "sparsify_exp.sync"
+#: On a run whose store refused records (kept in the spool's ``rejected.jsonl``).
+REJECTED_TAG = "sparsify.rejected"
 
 
 # --------------------------------------------------------------------------- uploading
@@ -137,14 +145,15 @@ class Uploader:
         self.rejected.append(reason)
         if record.get("kind") == "end":
             self.ended = {**record, "rejected": reason}
-        log.error(
-            "the tracking store refused record %s of run %s (%s; kept in %s): %s",
-            record.get("seq"),
-            self.run_id,
-            record.get("kind"),
-            self.spool.path / REJECTED_FILE,
-            reason,
-        )
+        if len(self.rejected) == 1:  # once: a family of bad keys would repeat it every step
+            log.warning(
+                "the tracking store refused a %s record of run %s (%s); the run goes on, "
+                "refused records are kept in %s",
+                record.get("kind"),
+                self.run_id,
+                reason,
+                self.spool.path / REJECTED_FILE,
+            )
 
     def _apply(self, group: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
@@ -174,11 +183,12 @@ class Uploader:
     def _apply_end(self, record: dict[str, Any]) -> None:
         up = self.upstream
         status, reason = str(record["status"]), record.get("reason")
-        if self.rejected and status == "FINISHED":
-            status = "FAILED"
-            reason = (
-                f"StoreRejected: the tracking store refused {len(self.rejected)} record(s) "
-                f"(first: {self.rejected[0]})"
+        if self.rejected:  # said once when it happened; on the run for whoever looks
+            up.set_tags(
+                {
+                    REJECTED_TAG: f"{len(self.rejected)} record(s) refused by the store "
+                    f"(first: {self.rejected[0]})"[:5000]
+                }
             )
         if self.maybe_reaped and not reason:  # marked dead while away? it was not
             stale = up.client.get_run(up.run_id).data.tags.get(tr.FAILURE_TAG, "")
@@ -187,6 +197,8 @@ class Uploader:
         if reason:
             up.set_tags(failure_tags(status, str(reason)))
         up.client.set_terminated(up.run_id, status, end_time=int(record["ts"]))
+        # an ended run has no heartbeat to show (after the end: a run left RUNNING keeps it)
+        delete_tags(up.client, up.run_id, HEARTBEAT_TAG)
         self.ended = {**record, "status": status, "reason": reason}
 
     def revive(self) -> None:

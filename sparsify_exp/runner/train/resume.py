@@ -13,6 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sparsify_exp.atomic import atomic_write_text
+from sparsify_exp.runner.context import job_folder_busy
+from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.train import checkpoint
 
 RUN_FILE = "mlflow_run.json"
@@ -30,7 +33,7 @@ class Resumed:
 
 def write_run_file(job_dir: Path, run_id: str, uri: str) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    atomic_write_text(job_dir / RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": uri}))
 
 
 def locate(target: str, uri: str) -> Resumed:
@@ -43,10 +46,9 @@ def locate(target: str, uri: str) -> Resumed:
         run_id, uri = info["run_id"], info["tracking_uri"]
     else:
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         try:
-            run = MlflowClient(tracking_uri=uri).get_run(target)
+            run = tr.open_client(uri).get_run(target)
         except MlflowException:
             raise ValueError(f"no such run or job folder (store: {uri})") from None
         run_id = target
@@ -59,16 +61,21 @@ def locate(target: str, uri: str) -> Resumed:
 
 def problems(target: str, uri: str, overrides: list[str], composed: Mapping) -> list[str]:
     """Why ``resume=target`` cannot go on, one line each (empty when it can)."""
-    from mlflow.tracking import MlflowClient
 
     key = f"resume={target}"
     try:
         found = locate(target, uri)
     except ValueError as e:
         return [f"{key}: {e}"]
-    status = MlflowClient(tracking_uri=found.uri).get_run(found.run_id).info.status
+    status = tr.open_client(found.uri).get_run(found.run_id).info.status
     if status == "FINISHED":
         return [f"{key}: run {found.run_id} FINISHED; there is nothing to resume"]
+    busy = job_folder_busy(found.job_dir)
+    if busy:
+        return [
+            f"{key}: job folder {found.job_dir} is in use ({busy}); wait for that process "
+            "to end or stop it"
+        ]
     if checkpoint.load(found.job_dir) is None:
         return [
             f"{key}: no checkpoint in {found.job_dir} (runs write one every checkpoint.every steps)"
