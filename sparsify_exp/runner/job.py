@@ -327,8 +327,6 @@ def _execute(
         max_names=int(m["max_name_metrics"]),
         tokenizer=built.bundle.tokenizer,
     )
-    if built.calibration:
-        tracker.log_metrics(built.calibration, step=0)
     wanting = [n for n, ev in built.evaluators.items() if getattr(ev, "wants_dense", False)]
     if wanting and state is None:  # a resumed run's data is no longer dense
         ctx.dense = DenseReference.capture(built.bundle.model, built.added)
@@ -337,7 +335,7 @@ def _execute(
         raise RuntimeError(
             f"{', '.join(wanting)} compare with the dense data, which a resumed run no longer has"
         )
-    tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
+    tracker.log_metrics({**built.calibration, **_hook(built.evaluators, "on_start", ctx)}, step=0)
 
     # ---- the steps
     measure = StepMetrics(
