@@ -84,6 +84,12 @@ def setup_peer(venv: Path = PEER_VENV) -> Path:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``: ``ru_maxrss`` would carry the parent's peak across
+    the fork and exec of a subprocess)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -298,14 +298,22 @@ def study_linear(args: argparse.Namespace) -> None:
 def study_rows(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_minilm()
     calib_docs, held_docs = docstring_corpus()
+    if args.with_topics:  # Python's reference documentation too: more tokens counted
+        import pydoc_data.topics
+
+        calib_docs = calib_docs + list(pydoc_data.topics.topics.values())
     calib = calibration_tokens(tokenizer, calib_docs, args.samples, args.seq_len)
     held = held_out_tokens(tokenizer, held_docs, args.held_out)
     dense = embed(model, held)
     table = model.embeddings.word_embeddings
     original = table.weight.detach().clone()
     start = time.perf_counter()
-    stats = collect(model, batches_of(calib, 8), needs=("row_counts",))
-    counts = stats.row_counts["embeddings.word_embeddings.weight"]
+    if args.table_only:  # lookups need the table alone: the same counts, no transformer pass
+        ids = [batch["input_ids"] for batch in batches_of(calib, 64)]
+        counts = collect(table, ids, needs=("row_counts",)).row_counts["weight"]
+    else:
+        stats = collect(model, batches_of(calib, 8), needs=("row_counts",))
+        counts = stats.row_counts["embeddings.word_embeddings.weight"]
     print(
         f"calibration: {calib['input_ids'].numel():,} tokens in {time.perf_counter() - start:.1f}"
         f" s, {int((counts > 0).sum()):,} of {counts.numel():,} rows looked up; held out: "
@@ -348,6 +356,12 @@ def main() -> None:
         type=float,
         nargs="+",
         default=[0.07, 0.08, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8],
+    )
+    parser.add_argument(
+        "--with-topics", action="store_true", help="rows: also count pydoc's reference topics"
+    )
+    parser.add_argument(
+        "--table-only", action="store_true", help="rows: count lookups on the table alone"
     )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
