@@ -190,9 +190,10 @@ def save_sparse(
         raise ValueError(f"encoded keys clash with tensors of the same name: {', '.join(clashes)}")
     meta = {**dict(metadata or {}), "format": "pt", META_LAYOUT: layout}
     meta[META_SPARSE] = json.dumps(sparse, separators=(",", ":"))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path), metadata=meta)
+    from sparsify_exp.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # whole or absent, never torn
+        save_file(out, str(tmp), metadata=meta)
     return written
 
 

@@ -70,3 +70,34 @@ def test_chunking_does_not_change_the_image(shape, max_side, chunk_entries):
 def test_non_contiguous_mask():
     mask = (torch.rand(20, 30, generator=torch.Generator().manual_seed(1)) > 0.5).t()
     torch.testing.assert_close(block_average(mask, 4, chunk_entries=16), _reference(mask, 4))
+
+
+class _Masks:
+    def __init__(self, masks):
+        self.masks = masks
+
+    def get_mask(self, name):
+        return self.masks[name]
+
+
+def _grey_share(path, level: float) -> float:
+    """The share of the PNG's pixels that are neutral grey at ``level`` (+- 2/255)."""
+    from matplotlib.image import imread
+
+    rgb = imread(path)[..., :3]
+    neutral = (abs(rgb[..., 0] - rgb[..., 1]) < 0.01) & (abs(rgb[..., 1] - rgb[..., 2]) < 0.01)
+    return float((neutral & (abs(rgb[..., 0] - level) < 2 / 255)).mean())
+
+
+def test_mask_pictures_are_linear_in_the_fraction_kept(tmp_path):
+    from sparsify_exp.runner.artifacts import mask_images
+
+    half = torch.ones(64, 64, dtype=torch.bool)
+    half[:, 1::2] = False  # 50% kept, a pixel = 1x2 entries -> grey 0.5
+    tenth = torch.zeros(64, 60, dtype=torch.bool)
+    tenth[:, ::10] = True  # 10% kept, a pixel = 1x2 entries: 0.5 or 0 -> on average 0.1
+    n = mask_images(_Masks({"half": half, "tenth": tenth}), ["half", "tenth"], tmp_path, 4, 32)
+    assert n == 2
+    assert _grey_share(tmp_path / "half.png", 128 / 255) > 0.2  # the plot area, mid grey
+    assert _grey_share(tmp_path / "tenth.png", 128 / 255) > 0.01  # kept pairs
+    assert _grey_share(tmp_path / "tenth.png", 0.0) > 0.15  # zeroed pairs: black

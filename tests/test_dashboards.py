@@ -7,11 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
 
+from sparsify_exp.runner.cli import compose_config
 from sparsify_exp.runner.sweep.pick import describe, pick_child
 from sparsify_exp.runner.sweep.summary import Summarizer
 from sparsify_exp.runner.sweep.views import VIEW_TAG_PREFIX, column
@@ -150,12 +152,12 @@ def test_the_parent_answers_the_sweep(sweep):
         assert parent.data.metrics[key] == best.data.metrics[key], key
     assert parent.data.params["sweep.sparsifier.sparsity_level"] == "0.3,0.9"
     assert parent.data.params["sweep.sparsifier.sparse_block_shape"] == "[1,1],[1,4]"
-    # the last line names the pick and the parent's page in the classic runs view
+    # the last line names the pick and the sweep's view in the classic runs view
     last = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-1]
     assert f"picked {best.info.run_name} (sparsity " in last
-    page = f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
-    assert f"{page}?workflowType=machine_learning" in last
-    assert "mlflow ui --backend-store-uri sqlite:///" in last
+    page = f"#/experiments/{parent.info.experiment_id}/runs?viewStateShareKey="
+    assert "the trade-off: mlflow ui --backend-store-uri sqlite:///" in last
+    assert f"{page}{parent.info.run_id}&workflowType=machine_learning" in last
     # the report names the runs and marks the pick
     report = Path(client.download_artifacts(parent.info.run_id, "report/sweep_report.md"))
     text = report.read_text()
@@ -163,6 +165,77 @@ def test_the_parent_answers_the_sweep(sweep):
     assert f"| **{best.info.run_name}** (picked) | FINISHED |" in text
     for child in children:
         assert f"| {child.info.run_name} |" in text or child is best
+
+
+def test_each_job_ends_with_one_short_line_and_no_heartbeat(sweep):
+    proc, _, parent, children = sweep
+    assert "sparsify.heartbeat" not in parent.data.tags
+    lines = (proc.stdout + proc.stderr).splitlines()
+    for child in children:
+        (line,) = [x for x in lines if f"] - {child.info.run_name}: sparsity " in x]
+        tail = line.split("] - ", 1)[1]
+        assert len(tail) < 140, tail
+        assert "fidelity_rel_error" in tail and " MB (" in tail and "x dense)" in tail
+        assert "sparsify.heartbeat" not in child.data.tags
+    assert not any("# then http" in x for x in lines[:-1])  # only the sweep's last line links
+
+
+def test_the_view_shows_the_trade_off_with_the_pick_marked(sweep):
+    _, client, parent, children = sweep
+    experiment = client.get_experiment(parent.info.experiment_id)
+    state = json.loads(json.loads(experiment.tags[VIEW_TAG_PREFIX + parent.info.run_id])["state"])
+    cols = state["selectedColumns"]
+    swept = ["sparsifier.sparsity_level", "sparsifier.sparse_block_shape"]
+    assert cols[0] == column("tags", "sparsify.picked")
+    quality = ["_summary/embedding_bag_cosine_mean", "_summary/fidelity_rel_error"]
+    size = ["_summary/size_mb", "_summary/size_to_dense"]
+    numbers = [column("metrics", k) for k in [*quality, "_summary/sparsity", *size]]
+    assert cols[1:6] == numbers
+    assert cols[6:] == [column("params", k) for k in swept]
+    # the first screen at 1800 px: ~1200 px after the name and start-time columns
+    assert sum(state["columnWidths"][c] for c in cols[:6]) <= 1200
+    assert column("attributes", "Duration") not in cols
+    for col in cols:  # every header whole: ~7 px a character
+        label = col.split(".", 1)[1].strip("`")
+        assert state["columnWidths"][col] >= 7 * len(label) + 24, col
+    picked = [c for c in children if c.data.tags.get("sparsify.picked")]
+    assert [c.info.run_id for c in picked] == [parent.data.tags["sparsify.pick_run_id"]]
+    charts = state["compareRunCharts"]
+    (section,) = state["compareRunSections"]
+    assert section["name"] == "Trade-off" and section["display"]
+    scatters = [c for c in charts if c["type"] == "SCATTER"]
+    assert [c["yaxis"]["key"] for c in scatters] == [*quality, "_summary/size_mb"]
+    assert {c["xaxis"]["key"] for c in scatters} == {"_summary/sparsity"}
+    (parallel,) = [c for c in charts if c["type"] == "PARALLEL"]
+    assert parallel["selectedParams"] == swept
+    assert parallel["selectedMetrics"][:3] == ["_summary/sparsity", *quality]
+    assert all(c["metricSectionId"] == section["uuid"] for c in charts)
+    assert "compareRunsMode=CHART" in parent.data.tags["mlflow.note.content"]
+
+
+def test_the_trade_off_page_draws_the_bound_and_the_pick(sweep):
+    _, client, parent, _ = sweep
+    path = Path(client.download_artifacts(parent.info.run_id, "report/tradeoff.html"))
+    html = path.read_text()
+    assert "bound: at most 0.6" in html
+    assert f"pick: {parent.data.tags['sparsify.pick']}" in html
+    assert "fidelity_rel_error vs sparsity" in html and "parcoords" in html
+    assert "[1,1] = [1,4]: the same points" in html  # both block shapes: the same sizes
+    assert json.loads(parent.data.tags["sparsify.pick_bounds"]) == {
+        "_summary/fidelity_rel_error": ["<=", 0.6]
+    }
+
+
+def test_the_report_overrides_paste_back(sweep):
+    _, client, parent, _ = sweep
+    text = Path(client.download_artifacts(parent.info.run_id, "report/sweep_report.md")).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("Common overrides"))
+    pasted = shlex.split(line.split("`")[1])
+    assert "eval=[fidelity,embedding_bag]" in pasted
+    cfg = compose_config([o for o in pasted if not o.startswith("mlflow.tracking_uri")])
+    assert dict(cfg.sweep.pick.max) == {"_summary/fidelity_rel_error": 0.6}
+    assert dict(cfg.sweep.pick.min) == {}
+    assert list(cfg.eval) == ["fidelity", "embedding_bag"]
 
 
 def test_the_sweep_saves_a_runs_table_view_of_its_children(sweep):

@@ -81,6 +81,7 @@ def test_digits_sweep_report_matches_children(store, cli):
         "report/sweep_report.md",
         "report/quality_vs_sparsity.png",
         "report/size_vs_sparsity.png",
+        "report/tradeoff.html",
     }
     local = client.download_artifacts(parent.info.run_id, "report", str(store.dir / "dl"))
     with open(f"{local}/sweep_report.csv", newline="") as fh:

@@ -97,11 +97,14 @@ def test_resume_of_a_memory_mapped_run_restores_its_masks_without_writing_the_ma
     shutil.copy(final, tmp_path / "uninterrupted.safetensors")
     final.unlink()
     store.client.set_terminated(run_id, "FAILED")  # as if it had been killed at step 3
+    torn = job / "artifacts" / "data" / ".sparsified.safetensors.partial"
+    torn.write_bytes(b"what a killed write left")
     done = cli([f"resume={job}"], store.dir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step 3 of 4" in done.stderr + done.stdout
     a, b = load_masks(final), load_masks(tmp_path / "uninterrupted.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert source.read_bytes() == before  # the input was never written
+    assert not torn.exists()  # the resume removed the killed write's leftover
     state = torch.load(job / "checkpoint.pt", weights_only=True)
     assert state["data"] is None  # the mapped data is not copied into checkpoints

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib
 import mlflow
+import pandas as pd
 import pytest
 
 from sparsify_exp.runner.sweep import report as rep
@@ -262,3 +263,87 @@ def test_cli_rebuilds_report_from_store(sweep, tmp_path, capsys):
     assert rep.main(["--experiment", "sweep", "--tracking-uri", uri, "--parent", parent_id]) == 0
     shown = capsys.readouterr().out
     assert shown.count("| FINISHED |") == 8 and "parent run artifacts report/" in shown
+
+
+def test_merge_makes_one_report_of_several_sweeps(sweep, tmp_path, capsys):
+    client, first, expected = sweep
+    exp_id = client.get_run(first).info.experiment_id
+    second = client.create_run(exp_id, run_name="other", tags={"sparsify.sweep": "true"})
+    for level in LEVELS:
+        run = client.create_run(
+            exp_id,
+            run_name="job-0" if level == LEVELS[0] else f"mag-{level}",  # job-0: a name clash
+            tags={
+                "mlflow.parentRunId": second.info.run_id,
+                "sparsify.overrides": f"data=embeddings sparsifier=magnitude "
+                f"sparsifier.sparsity_level={level}",
+            },
+        )
+        client.log_metric(run.info.run_id, "sparsity/overall", level)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    out = tmp_path / "merged"
+    args = ["--experiment", "sweep", "--tracking-uri", client.tracking_uri, "--out", str(out)]
+    assert rep.main([*args, "--all", "--merge"]) == 0
+    assert "2 sweeps: 12 jobs" in capsys.readouterr().out
+    rows = _read_csv(out / "sweep_report.csv")
+    assert len(rows) == len(expected) + len(LEVELS)
+    names = [r["run_name"] for r in rows]
+    assert "s1: job-0" in names and "s2: job-0" in names  # the latest sweep is s1
+    assert {r["sparsifier"] for r in rows} == {"", "magnitude"}
+    merged = {f.path for f in client.list_artifacts(second.info.run_id, "report/merged")}
+    assert "report/merged/sweep_report.md" in merged
+    assert "# Report of 2 sweeps: experiment sweep" in (out / "sweep_report.md").read_text()
+
+
+def test_plots_draw_coinciding_series_once_and_keep_timing_noise_flat(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from sparsify_exp.runner.sweep import plots
+
+    rows = []
+    for method in ("data_norm", "magnitude"):  # the same points: drawn once, one label
+        for level, ratio in ((0.5, 0.99), (0.8, 1.01 if method == "magnitude" else 1.0)):
+            rows.append(
+                {
+                    "run_id": f"{method}{level}",
+                    "run_name": f"{method} level={level}",
+                    "status": "FINISHED",
+                    "method": method,
+                    "sparsity/overall": level,
+                    "fidelity/rel_error": level / 2,
+                    "embedding_bag/forward_time_ratio": ratio,
+                    "size/dense_bytes": 1e6,
+                    "size/compressed_bytes": 1e6 * (1 - level),
+                }
+            )
+    report = rep.SweepReport(
+        "p",
+        "t",
+        pd.DataFrame(rows),
+        ["method"],
+        {},
+        ["embedding_bag/forward_time_ratio", "fidelity/rel_error"],
+        ["method"],
+        pick="magnitude level=0.5",
+        pick_bounds={"_summary/fidelity_rel_error": ["<=", 0.3]},
+    )
+    groups = plots._series(report)
+    merged = plots._merge_coinciding(groups, "fidelity/rel_error")
+    assert list(merged) == ["method=data_norm = method=magnitude"]
+    fig, ax = plt.subplots()
+    plots._lines(ax, groups, "embedding_bag/forward_time_ratio", "ratio")
+    plots._timing_axis(ax)
+    assert ax.get_ylim()[0] <= 0.75 and ax.get_ylim()[1] >= 1.25  # 0.99-1.01 stays flat
+    plots._bound(ax, report, "fidelity/rel_error")
+    plots._pick(ax, report, "fidelity/rel_error")
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == [
+        "method=data_norm",  # the timing ratios differ: two lines
+        "method=magnitude",
+        "bound: at most 0.3",
+        "pick: magnitude level=0.5",
+    ]
+    plt.close(fig)
+    assert plots.plot_size(report, tmp_path / "size.png")
+    assert plots.plot_quality(report, tmp_path / "quality.png")
+    _assert_png(tmp_path / "size.png")

@@ -48,6 +48,8 @@ def test_card_command_end_to_end(store, migrated_db, cli):
     tags = run.data.tags
     assert tags["sparsify.choice.sparsifier"] == "first_row"
     assert tags["sparsify.choice.data"] == "embeddings"
+    assert "sparsify.choice.method" not in tags  # no preset: nothing to say
+    assert "sparsify.heartbeat" not in tags  # an ended run has no heartbeat
     assert tags["sparsify.overrides"] == "sparsifier=first_row data=embeddings"
     assert tags["sparsify.evaluators"] == "fidelity"
 

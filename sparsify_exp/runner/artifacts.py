@@ -1,9 +1,11 @@
-"""What a run writes besides its metrics: the per-name table, the storage sizes, and a picture
-of each 2-D mask."""
+"""What a run writes besides its metrics: the per-name table, the storage sizes (and what
+serving costs: quantized tables, rows compacted), and a picture of each 2-D mask."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +14,10 @@ from typing import Any
 import torch
 
 from sparsify_exp.atomic import atomic_path
+from sparsify_exp.runner.progress import human_bytes
+from sparsify_exp.sparsifier.row import compact_rows
+
+log = logging.getLogger("sparsify_exp.runner")
 
 # Entries a block-average reads at a time: the transient memory stays near this many bytes
 # (a bool copy of the chunk) however large the mask is.
@@ -136,39 +142,36 @@ def block_average(
 
 
 def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int) -> int:
-    """A PNG per 2-D mask (at most ``limit``). A mask larger than ``max_side`` a side is drawn
-    in blocks (only the long axis is reduced); a block is white when every entry is kept and
-    coloured by the fraction pruned on a log scale otherwise, so 1 pruned entry in 1000
-    still shows: no pruned row or column can disappear."""
+    """A PNG per 2-D mask (at most ``limit``), in grey on a linear scale of the fraction
+    kept: white = kept, black = zeroed, so 50% and 90% look as different as they are. A mask
+    larger than ``max_side`` a side is drawn one pixel per ``fh x fw`` entries (only the long
+    axis is reduced; the pixel's grey is the fraction of those entries kept); a smaller one an
+    entry a square of at least 2 x 2 screen pixels, so 1x4 blocks show as 8-pixel dashes."""
     two_d = [n for n in names if sp.get_mask(n).dim() == 2][:limit]
     if not two_d:
         return 0
-    import numpy as np
-    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     from sparsify_exp.runner.tracking.keys import name_file_stem
 
     out.mkdir(parents=True, exist_ok=True)
-    cmap = colormaps["viridis_r"].with_extremes(bad="white")
     for name in two_d:
         mask = sp.get_mask(name)
         rows, cols = mask.shape
         fh, fw = block_factors(rows, cols, max_side)
-        pruned = 1.0 - block_average(mask, max_side).numpy().astype(np.float64)
-        h, w = pruned.shape
+        kept = block_average(mask, max_side).numpy()
+        h, w = kept.shape
         removed = mask.numel() - int(mask.count_nonzero())
-        # at least a pixel a block (the axes take about 3/4 of the figure), so none is dropped
-        fig = Figure(figsize=(max(6.4, w / 75 + 1.6), max(4.8, h / 75 + 1.2)), dpi=100)
+        scale = 50 if (fh, fw) == (1, 1) else 75  # 2 screen pixels an entry; else 1.3 a pixel
+        fig = Figure(figsize=(max(6.4, w / scale + 1.6), max(4.8, h / scale + 1.2)), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        smallest = 1.0 / (fh * fw) if fh * fw > 1 else 0.5
         im = ax.imshow(
-            np.ma.masked_less_equal(pruned, 0.0),
-            cmap=cmap,
-            norm=LogNorm(vmin=min(smallest, 1e-3) if fh * fw > 1 else smallest, vmax=1.0),
+            kept,
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
             aspect="auto",
             interpolation="nearest",
             extent=(0, w * fw, h * fh, 0),  # a partial edge block is drawn at its true size
@@ -177,16 +180,73 @@ def mask_images(sp: Any, names: list[str], out: Path, limit: int, max_side: int)
         ax.set_ylim(rows, 0)
         for spine in ax.spines.values():  # a frame line would hide the first and last rows
             spine.set_visible(False)
-        note = "" if (h, w) == (rows, cols) else f"; blocks of {fh}x{fw}"
-        ax.set_title(
-            f"{name}  {rows}x{cols}: {removed:,} of {mask.numel():,} zeroed "
-            f"({removed / max(mask.numel(), 1):.3%}){note}",
+        scale_note = "" if (h, w) == (rows, cols) else f"; a pixel = {fh}x{fw} entries, averaged"
+        ax.set_title(  # two lines: a long name and the counts both fit a narrow figure
+            f"{name}  {rows}x{cols}\n{removed:,} of {mask.numel():,} zeroed "
+            f"({removed / max(mask.numel(), 1):.1%}){scale_note}",
             fontsize=9,
         )
         ax.set_xlabel("column")
         ax.set_ylabel("row")
-        fig.colorbar(im, ax=ax, label="fraction pruned (white: all kept)")
+        bar = fig.colorbar(im, ax=ax, ticks=[0, 0.25, 0.5, 0.75, 1.0])
+        bar.set_label("fraction kept (white: all kept, black: all zeroed)")
+        bar.ax.set_yticklabels(["0%", "25%", "50%", "75%", "100%"])
         fig.tight_layout()
         with atomic_path(out / f"{name_file_stem(name)}.png", fsync=False) as tmp:
             fig.savefig(tmp, format="png")
     return len(two_d)
+
+
+# ----------------------------------------------------------------------------- serving sizes
+
+
+def embedding_tables(bundle: Any) -> dict[str, Any]:
+    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
+    written under: embedding modules of the named data, and a model's embedding submodules."""
+    from torch import nn
+
+    kinds = (nn.Embedding, nn.EmbeddingBag)
+    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
+    if bundle.model is not None:
+        for prefix, module in bundle.model.named_modules():
+            if isinstance(module, kinds) and module not in tables.values():
+                tables[f"{prefix}.weight" if prefix else "weight"] = module
+    return tables
+
+
+def quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
+    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
+    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
+    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
+    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
+
+    total = 0
+    for name, t in bundle.tensors().items():
+        if name not in tables:
+            total += t.numel() * t.element_size()
+    for name, module in tables.items():
+        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
+            module = copy.deepcopy(module).cpu()
+        qweight = quantize_embedding(module).weight()  # the table as it would be served
+        rows = qweight.q_per_channel_scales().numel()
+        entries = kept.get(name, qweight.numel())
+        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
+    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
+    return float(total)
+
+
+def compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
+    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
+    an index remap (what serving the sparsified tables costs)."""
+    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
+    log.info(
+        "rows kept: %s of %s; compacted to kept rows + remap: %s",
+        f"{sum(c.num_rows for c in compact.values()):,}",
+        f"{sum(c.remap.numel() for c in compact.values()):,}",
+        human_bytes(sum(c.nbytes for c in compact.values())),
+    )
+    return {
+        "rows/kept": float(sum(c.num_rows for c in compact.values())),
+        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
+        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
+    }

@@ -24,6 +24,7 @@ from sparsify_exp.runner.methods import conflicting_choice
 from sparsify_exp.runner.signals import exit_code, is_stop, sigterm_raises, stop_reason
 from sparsify_exp.runner.sweep.callback import finish_sweep, objective
 from sparsify_exp.runner.tracking.store import failure_reason
+from sparsify_exp.runner.tracking.uploader import RunEndedElsewhere
 from sparsify_exp.runner.validate import validate
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -64,6 +65,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         run(cfg)
     except ConfigError as e:
         _config_exit(e.problems)
+    except RunEndedElsewhere as e:  # another process ended the run: say so, stop
+        log.error("stopped: %s", e)
+        raise SystemExit(1) from None
     except Exception as e:  # the run is FAILED with its reason and traceback (error.txt)
         log.error("failed: %s", failure_reason(e))
         raise SystemExit(1) from None

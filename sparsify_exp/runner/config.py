@@ -84,14 +84,16 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     :data:`REPLACED_MAPPINGS` key given a value replaces the mapping (``~key +key=V``;
     idempotent, so a run's recorded overrides paste back as they are)."""
     out: list[str] = []
+    deleted = {o.split("=", 1)[0] for o in overrides if o.startswith("~")}  # ~key, ~key=null
     for o in overrides:
         key, sep, value = o.partition("=")
         bare = key.lstrip("+")
         if o.startswith(f"eval.{EVAL_EVERY}="):
             out.append(f"+{o}")
         elif sep and bare in REPLACED_MAPPINGS and not key.startswith("++"):
-            if f"~{bare}" not in out and f"~{bare}" not in overrides:
+            if f"~{bare}" not in deleted:
                 out.append(f"~{bare}")
+                deleted.add(f"~{bare}")
             out.append(f"+{bare}={value}")
         else:
             out.append(o)

@@ -136,3 +136,19 @@ def job_folder_busy(job_dir: Path) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def claim_job_folder(job_dir: Path, what: str, key: str) -> JobLock:
+    """This process's hold on ``job_dir`` (``what``: ``running``, ``resuming``); a
+    :class:`ConfigError` naming ``key`` and the process holding it when it is taken."""
+    from sparsify_exp.runner.config import ConfigError
+
+    try:
+        return JobLock(job_dir, what)
+    except JobFolderBusy:
+        raise ConfigError(
+            [
+                f"{key}: job folder {job_dir} is in use ({holder(job_dir)}); wait for that "
+                "process to end or stop it"
+            ]
+        ) from None

@@ -11,7 +11,6 @@ the run FAILED (KILLED for Ctrl-C) with the reason, uploads what it had, and re-
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -27,15 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparsify_exp.atomic import atomic_write_text, remove_leftovers
 from sparsify_exp.masks import save_masks
+from sparsify_exp.runner import methods
 from sparsify_exp.runner.artifacts import (
     SPARSE_LAYOUTS,
+    compacted_rows,
+    embedding_tables,
     mask_images,
+    quantized_bytes,
     storage_sizes,
     write_table,
 )
 from sparsify_exp.runner.build import Built, build
 from sparsify_exp.runner.config import EVAL_EVERY, ConfigError, evaluator_nodes
-from sparsify_exp.runner.context import JobFolderBusy, JobInfo, JobLock, holder, job_info
+from sparsify_exp.runner.context import JobInfo, claim_job_folder, job_info
 from sparsify_exp.runner.progress import Progress, human_bytes, percent
 from sparsify_exp.runner.signals import is_stop, sigterm_raises
 from sparsify_exp.runner.step_metrics import StepMetrics
@@ -46,10 +49,11 @@ from sparsify_exp.runner.tracking import store as tr
 from sparsify_exp.runner.tracking.spool import SPOOL_DIR
 from sparsify_exp.runner.tracking.sync import sync
 from sparsify_exp.runner.tracking.tracker import SpoolTracker
+from sparsify_exp.runner.tracking.uploader import RunEndedElsewhere
 from sparsify_exp.runner.train import checkpoint, resume
 from sparsify_exp.runner.train.loop import MaskedForward, TrainContext, remask
 from sparsify_exp.runner.validate import validate
-from sparsify_exp.sparsifier.row import RowSparsifier, compact_rows
+from sparsify_exp.sparsifier.row import RowSparsifier
 
 log = logging.getLogger("sparsify_exp.runner")
 
@@ -67,13 +71,13 @@ def run(cfg: DictConfig) -> str:
     if c.get("resume"):  # the stopped run's own config, job folder and MLflow run
         uri = tr.resolve_tracking_uri(c["mlflow"]["tracking_uri"], job.launch_dir)
         resumed = resume.locate(str(c["resume"]), uri)
-        lock = _claim(resumed.job_dir, "resuming", f"resume={c['resume']}")
+        lock = claim_job_folder(resumed.job_dir, "resuming", f"resume={c['resume']}")
         c = {**resumed.config, "resume": c["resume"]}
         cfg = OmegaConf.create(c)
         job = dataclasses.replace(job, output_dir=resumed.job_dir)
     else:
         key = "hydra.sweep.dir" if job.multirun else "hydra.run.dir"
-        lock = _claim(job.output_dir, "running", key)
+        lock = claim_job_folder(job.output_dir, "running", key)
     try:
         removed = remove_leftovers(job.output_dir)  # partial files of a killed process
         if removed:
@@ -83,19 +87,6 @@ def run(cfg: DictConfig) -> str:
         return _run(cfg, c, job, resumed)
     finally:
         lock.release()
-
-
-def _claim(job_dir: Path, what: str, key: str) -> JobLock:
-    """This process's hold on ``job_dir``; a config error naming the process holding it."""
-    try:
-        return JobLock(job_dir, what)
-    except JobFolderBusy:
-        raise ConfigError(
-            [
-                f"{key}: job folder {job_dir} is in use ({holder(job_dir)}); wait for that "
-                "process to end or stop it"
-            ]
-        ) from None
 
 
 def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
@@ -108,6 +99,9 @@ def _run(cfg: DictConfig, c: dict[str, Any], job: JobInfo, resumed: Any) -> str:
                 _log_config(tracker, c, job, artifacts)
             built = build(cfg, c["per_name"].get("rules") or [], int(c["seed"]))
             _execute(built, c, job, tracker, artifacts, resumed is not None)
+    except RunEndedElsewhere as e:  # its sweep was stopped: nothing more goes into the run
+        tracker.fail(e, e.status)
+        raise
     except BaseException as e:
         status = "KILLED" if is_stop(e) else "FAILED"
         try:
@@ -143,6 +137,7 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
     uri = tr.resolve_tracking_uri(m["tracking_uri"], job.launch_dir)
     heartbeat_s = float(m.get("heartbeat_s") or 30)
     reachability.configure_http(uri, float(m.get("request_timeout_s") or 10))
+    reachability.quiet_store_loggers()  # an outage is said once, by the tracker
     timeout_s = min(5.0, float(m.get("request_timeout_s") or 10))
     if job.multirun:  # the sweep goes on: its next job waits out an outage
         reachability.wait_reachable(uri, float(m.get("flush_timeout_s", 60)), timeout_s)
@@ -168,7 +163,11 @@ def start_run(c: Mapping[str, Any], job: JobInfo, resume_run_id: str | None = No
         swept = [k for k in os.environ.get(tr.SWEPT_ENV, "").split(",") if k]
         default_name = tr.swept_run_name(job.overrides, swept) or job.override_dirname
     tags = {
-        **{f"{tr.CHOICE_TAG_PREFIX}{k}": v for k, v in job.choices.items()},
+        **{  # method=none (no preset) says nothing: the sparsifier tag says it all
+            f"{tr.CHOICE_TAG_PREFIX}{k}": v
+            for k, v in job.choices.items()
+            if (k, v) != (methods.GROUP, methods.NO_METHOD)
+        },
         tr.OVERRIDES_TAG: " ".join(job.overrides),
         "sparsify.job_dir": str(job.output_dir),
         tr.EVALUATORS_TAG: ",".join(evaluator_nodes(c.get("eval"))),
@@ -254,27 +253,6 @@ def _train(built: Built, sp: Any, tracker: Any, step: int, steps: int) -> None:
     log_train(metrics)
 
 
-class _SkipLogged:
-    """A resumed run recomputes the steps after its checkpoint: metrics of the steps the
-    store already has are not logged twice."""
-
-    def __init__(self, tracker: Any, through: int) -> None:
-        self.tracker, self.through = tracker, through
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if step > self.through:
-            self.tracker.log_metrics(metrics, step)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tracker, name)
-
-
-def _last_logged_step(tracker: Any) -> int:
-    client = tracker.upstream.client
-    history = client.get_metric_history(tracker.run_id, tr.SPARSITY_KEY)
-    return max((m.step for m in history), default=-1)
-
-
 def _execute(
     built: Built,
     c: Mapping[str, Any],
@@ -290,7 +268,7 @@ def _execute(
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
     state = checkpoint.load(job.output_dir) if resuming else None
     if state is not None:
-        tracker = _SkipLogged(tracker, _last_logged_step(tracker))
+        tracker = resume.SkipLogged(tracker, resume.last_logged_step(tracker))
     tracker = SummarizingTracker(tracker, Summarizer(built.evaluators.values()))
     sp, names = built.sparsifier, list(built.added)
     numels = {n: as_tensor(built.added[n]).numel() for n in names}
@@ -393,7 +371,7 @@ def _execute(
         sp, names, artifacts / "masks" / "png", int(m["mask_images"]), int(m["image_max_side"])
     )
     kept = {n: int(sp.get_mask(n).count_nonzero()) for n in names}
-    rows = _compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
+    rows = compacted_rows(sp, names) if isinstance(sp, RowSparsifier) and mapped is None else {}
     if mapped is not None:
         mapped.check_unchanged()  # masks of a file that changed mid-run would be wrong
     out_format = c["output"].get("format", "dense")
@@ -404,14 +382,14 @@ def _execute(
         )
     final_masks = {n: sp.get_mask(n).detach() for n in names} if out_format != "dense" else {}
     sp.squash_mask(leave_parametrized=mapped is None)
-    tables = _embedding_tables(built.bundle) if c["output"].get("quantize") else {}
+    tables = embedding_tables(built.bundle) if c["output"].get("quantize") else {}
     if c["output"].get("quantize") and not tables:
         raise RuntimeError("output.quantize=true: the data has no embedding tables")
 
     # ---- the sparsified data, in the input's format, and what it costs on disk
     sizes = storage_sizes(built.bundle, built.added, kept)
     if tables:
-        sizes["size/quantized_bytes"] = _quantized_bytes(built.bundle, tables, kept)
+        sizes["size/quantized_bytes"] = quantized_bytes(built.bundle, tables, kept)
     if c["output"]["write_data"]:
         data_dir = artifacts / "data" if m["log_data"] else job.output_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -462,58 +440,6 @@ def _execute(
         human_bytes(sizes["size/dense_bytes"]),
         human_bytes(sizes["size/compressed_bytes"]),
     )
-
-
-def _embedding_tables(bundle: Any) -> dict[str, Any]:
-    """The data's ``nn.Embedding`` / ``nn.EmbeddingBag`` tables by the name their weight is
-    written under: embedding modules of the named data, and a model's embedding submodules."""
-    from torch import nn
-
-    kinds = (nn.Embedding, nn.EmbeddingBag)
-    tables = {n: m for n, m in bundle.named_data.items() if isinstance(m, kinds)}
-    if bundle.model is not None:
-        for prefix, module in bundle.model.named_modules():
-            if isinstance(module, kinds) and module not in tables.values():
-                tables[f"{prefix}.weight" if prefix else "weight"] = module
-    return tables
-
-
-def _quantized_bytes(bundle: Any, tables: Mapping[str, Any], kept: Mapping[str, int]) -> float:
-    """Bytes of the data with every embedding table quantized (torch's per-row uint8) after the
-    squash: each table as a bitmask of kept entries + a uint8 per kept entry + an fp32 scale
-    and offset per row (or plain uint8 + qparams where smaller); every other tensor dense."""
-    from sparsify_exp.quantize import quantize_embedding, sparse_quantized_nbytes
-
-    total = 0
-    for name, t in bundle.tensors().items():
-        if name not in tables:
-            total += t.numel() * t.element_size()
-    for name, module in tables.items():
-        if module.weight.device.type != "cpu":  # torch quantizes embeddings on the CPU
-            module = copy.deepcopy(module).cpu()
-        qweight = quantize_embedding(module).weight()  # the table as it would be served
-        rows = qweight.q_per_channel_scales().numel()
-        entries = kept.get(name, qweight.numel())
-        total += sparse_quantized_nbytes(qweight.numel(), rows, entries)
-    log.info("sparse + quantized embedding tables: %s in all", human_bytes(total))
-    return float(total)
-
-
-def _compacted_rows(sp: Any, names: list[str]) -> dict[str, float]:
-    """Rows a row sparsifier kept, and the bytes of its tables compacted to the kept rows plus
-    an index remap (what serving the sparsified tables costs)."""
-    compact = {n: compact_rows(sp.get_data(n, return_original=True), sp.get_mask(n)) for n in names}
-    log.info(
-        "rows kept: %s of %s; compacted to kept rows + remap: %s",
-        f"{sum(c.num_rows for c in compact.values()):,}",
-        f"{sum(c.remap.numel() for c in compact.values()):,}",
-        human_bytes(sum(c.nbytes for c in compact.values())),
-    )
-    return {
-        "rows/kept": float(sum(c.num_rows for c in compact.values())),
-        "rows/total": float(sum(c.remap.numel() for c in compact.values())),
-        "size/row_compacted_bytes": float(sum(c.nbytes for c in compact.values())),
-    }
 
 
 def upload_artifacts(tracker: tr.RunTracker, artifacts: Path, job: JobInfo) -> None:

@@ -6,12 +6,17 @@ or any job exists."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("sparsify_exp.runner")
 
 INSTALL_HINT = "pip install 'sparsify_exp[cluster]'"
 
@@ -88,3 +93,56 @@ def unreachable_ray(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> 
         if isinstance(e, TimeoutError | socket.timeout):
             reason = f"no answer in {timeout_s:g} s"
         return f"ray cluster {address} unreachable: {reason.lower()}"
+
+
+def stop_submitit_jobs(sweep_dir: str, launcher: str, wait_s: float = 10.0) -> list[str]:
+    """Cancels the jobs a stopped sweep's submitit launcher started; returns their ids.
+
+    ``LocalLauncher`` (``submitit_local``, ``slurm_local``): each job is a process of this
+    one, named by its pid under ``<sweep dir>/.submitit/``; it gets SIGTERM, which submitit
+    forwards to the job (its run ends KILLED), and is waited for up to ``wait_s``.
+    ``SlurmLauncher``: ``scancel`` through submitit. Other launchers: nothing to do (Ray and
+    joblib stop their own workers)."""
+    import signal
+    import time
+
+    folder = Path(sweep_dir) / ".submitit"
+    if launcher not in ("LocalLauncher", "SlurmLauncher") or not folder.is_dir():
+        return []
+    ids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if launcher == "SlurmLauncher":
+        from submitit.slurm.slurm import SlurmJob
+
+        arrays = sorted({i.split("_", 1)[0] for i in ids if i.split("_", 1)[0].isdigit()})
+        for array in arrays:
+            try:
+                SlurmJob(folder / array, array).cancel(check=False)
+            except Exception as e:  # scancel missing or refusing: the jobs run on
+                log.warning("could not cancel Slurm job %s: %s", array, e)
+        return arrays
+    mine = [int(i) for i in ids if i.isdigit() and _parent_of(int(i)) == os.getpid()]
+    for pid in mine:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_running(pid) for pid in mine):
+        time.sleep(0.1)
+    return [str(pid) for pid in mine]
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of a live process (Linux ``/proc``), None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _running(pid: int) -> bool:
+    """Whether a child process still runs (reaping it when it ended)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return _parent_of(pid) is not None
+    return done == 0

@@ -27,6 +27,7 @@ import torch
 from pydantic import AfterValidator, validate_call
 from torch import nn
 
+from sparsify_exp.atomic import atomic_write_text
 from sparsify_exp.runner.data import DataBundle, select_names, write_safetensors
 
 log = logging.getLogger("sparsify_exp.runner")
@@ -188,7 +189,7 @@ def _write_compression_config(
         },
         "transform_config": {},
     }
-    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _has_tokenizer(folder: Path | None) -> bool:

@@ -67,7 +67,7 @@ def log_answer(
     exp_id = parent.info.experiment_id
     key, links = "", ""
     try:
-        key = _save_view(client, exp_id, parent_id, parent.info.run_name, swept, keys)
+        key = _save_view(client, exp_id, parent_id, parent.info.run_name, swept, children)
         table = view_fragment(exp_id, key)
         links = (
             f" The trade-off: [every child]({'#/' + table}), "
@@ -87,15 +87,20 @@ def log_answer(
 
 
 def _save_view(
-    client: Any, exp_id: str, parent_id: str, name: str, swept: Sequence[str], keys: Sequence[str]
+    client: Any, exp_id: str, parent_id: str, name: str, swept: Sequence[str], children: list
 ) -> str:
+    keys = sorted({k for r in children for k in r.data.metrics if is_summary(k)})
     quality = quality_headlines(keys)
     size = [k for k in (COMPRESSED_MB, COMPRESSED_TO_DENSE) if k in keys]
     params = [k.lstrip("+~") for k in swept]  # a swept group is logged as a param too
+    # the run names already say the swept settings (magnitude level=0.5): the numbers first,
+    # so quality, sparsity and size fit the first screen; the swept params as columns after
     columns = [
         column("tags", PICKED_TAG),
-        *(column("params", k) for k in params),
         *(column("metrics", k) for k in [*quality, SPARSITY, *size] if k in keys),
+        *(column("params", k) for k in params),
     ]
     charts = tradeoff_charts(params, quality, size)
-    return save_sweep_view(client, exp_id, parent_id, name, columns, charts)
+    values = {column("params", k): [r.data.params.get(k, "") for r in children] for k in params}
+    values[column("tags", PICKED_TAG)] = [PICKED]
+    return save_sweep_view(client, exp_id, parent_id, name, columns, charts, values)

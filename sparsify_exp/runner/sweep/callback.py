@@ -76,6 +76,7 @@ class _Sweep:
     pick: dict[str, Any] = field(default_factory=dict)
     swept: list[str] = field(default_factory=list)
     beater: Any = None
+    launcher: str = ""
 
 
 _ACTIVE_SWEEP: _Sweep | None = None
@@ -252,6 +253,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
     launch = Path(config.hydra.runtime.cwd)
     uri = tr.resolve_tracking_uri(config.mlflow.tracking_uri, launch)
     reachability.configure_http(uri, float(config.mlflow.request_timeout_s))
+    reachability.quiet_store_loggers()
     reachability.check_reachable(uri, timeout_s=min(5.0, float(config.mlflow.request_timeout_s)))
     client = tr.open_client(uri)
     exp_id = tr.ensure_experiment(client, config.mlflow.experiment)
@@ -306,6 +308,7 @@ def _start_sweep(config: DictConfig, n_jobs: int | None) -> None:
         OmegaConf.to_container(pick) if pick is not None else {},  # type: ignore[arg-type]
         [k for k, _ in _swept(config)],
         heartbeat.Beater(client, run_id, heartbeat_s),
+        tags["sparsify.launcher"],
     )
     log.info(
         "sweep parent run %s: %s jobs (experiment %r, %s)",
@@ -384,6 +387,15 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
         os.environ[tr.PARENT_ENV] = sweep.prev_env
     client = tr.open_client(sweep.uri)
     stopped = aborted is not None and is_stop(aborted)
+    if stopped:  # jobs in processes of their own stop with the sweep
+        from sparsify_exp.runner.launchers import stop_submitit_jobs
+
+        try:
+            cancelled = stop_submitit_jobs(sweep.sweep_dir, sweep.launcher)
+            if cancelled:
+                log.info("cancelled %d submitit job(s): %s", len(cancelled), ", ".join(cancelled))
+        except Exception as e:
+            log.warning("could not cancel the sweep's submitit jobs: %s", e)
     try:
         _, children = tr.find_sweep_runs(client, sweep.run_id)
         if stopped:  # jobs the launcher was running when the signal came end with it
@@ -416,6 +428,9 @@ def finish_sweep(aborted: BaseException | None = None) -> None:
             client.set_terminated(sweep.run_id, "KILLED" if stopped else "FAILED")
         else:
             client.set_terminated(sweep.run_id, "FINISHED")
+        from sparsify_exp.runner.tracking import heartbeat
+
+        heartbeat.delete_tags(client, sweep.run_id, heartbeat.HEARTBEAT_TAG)  # ended: no beat
         parent = client.get_run(sweep.run_id)
         exp_id = parent.info.experiment_id
         url = (

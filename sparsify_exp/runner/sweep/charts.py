@@ -26,6 +26,11 @@ def _plotly() -> Any:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
     except ImportError:  # a declared dependency; an old environment may lack it
+        import logging
+
+        logging.getLogger("sparsify_exp.runner").warning(
+            "report/tradeoff.html skipped: no plotly (pip install 'plotly>=5.20')"
+        )
         return None
     return go, make_subplots
 
@@ -56,7 +61,7 @@ def write_tradeoff(
     fig = make_subplots(
         rows=rows, cols=cols, subplot_titles=[f"{_label(k)} vs sparsity" for k in panels]
     )
-    groups = frame.groupby(series, sort=False) if series is not None else [("runs", frame)]
+    groups = list(frame.groupby(series, sort=False)) if series is not None else [("runs", frame)]
     for i, key in enumerate(panels):
         row, col = i // cols + 1, i % cols + 1
         for j, (name, group) in enumerate(groups):
@@ -94,6 +99,18 @@ def write_tradeoff(
                 row=row,
                 col=col,
             )
+        same = _coinciding(groups, key)
+        if same:  # one line hides the other: say so on the panel
+            fig.add_annotation(
+                text=f"{same}: the same points",
+                xref="x domain" if i == 0 else f"x{i + 1} domain",
+                yref="y domain" if i == 0 else f"y{i + 1} domain",
+                x=0.02,
+                y=0.02,
+                showarrow=False,
+                font={"size": 11, "color": "#555"},
+                xanchor="left",
+            )
         if key in bounds:
             op, bound = bounds[key]
             fig.add_hline(
@@ -114,6 +131,17 @@ def write_tradeoff(
         f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>{html}</body></html>"
     )
     return True
+
+
+def _coinciding(groups: Sequence[tuple[Any, pd.DataFrame]], key: str) -> str:
+    """``a = b`` for the first series whose points for ``key`` equal another's, else ""."""
+    seen: dict[tuple, str] = {}
+    for name, group in groups:
+        pts = tuple(map(tuple, group[[SPARSITY, key]].dropna().round(9).values.tolist()))
+        if pts and pts in seen:
+            return f"{seen[pts]} = {name}"
+        seen.setdefault(pts, str(name))
+    return ""
 
 
 def _colour(i: int) -> str:
@@ -156,5 +184,8 @@ def _parallel(
             },
             dimensions=dims,
         ),
-        layout={"title": "Swept settings to sparsity, quality and size (the pick in gold)"},
+        layout={
+            "title": "Swept settings to sparsity, quality and size (the pick in gold)",
+            "height": 480,
+        },
     )

@@ -17,10 +17,10 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,6 @@ COMPRESSION_KEY = "size/compressed_to_dense"  # compressed / dense: lower is sma
 SIZE_KEYS = (DENSE_BYTES_KEY, COMPRESSED_BYTES_KEY, COMPRESSION_KEY)
 ARTIFACT_DIR = "report"
 TRADEOFF_FILE = "tradeoff.html"
-MAX_PANELS = 9
 
 
 @dataclass
@@ -62,6 +61,8 @@ class SweepReport:
     """The child the parent run picked (tag ``sparsify.pick``) and by which rule."""
     pick_rule: str = ""
     pick_note: str = ""
+    common_args: list[str] = field(default_factory=list)
+    """The overrides every job shares, as given (``~``, ``+`` kept)."""
     pick_bounds: dict[str, list] = field(default_factory=dict)
     """The rule's bounds: ``{metric: [">=" | "<=", bound]}`` (tag ``sparsify.pick_bounds``)."""
 
@@ -69,9 +70,9 @@ class SweepReport:
 # ----------------------------------------------------------------------------- the table
 
 
-def parse_overrides(tag: object) -> dict[str, str]:
-    """``{key: value}`` from tag ``sparsify.overrides``: the job's Hydra overrides joined by
-    single spaces (a value holds spaces only inside brackets or quotes)."""
+def override_tokens(tag: object) -> list[str]:
+    """The job's Hydra overrides as given (``~``, ``+`` kept) from tag ``sparsify.overrides``:
+    joined by single spaces (a value holds spaces only inside brackets or quotes)."""
     text, items, depth, quote, start = tag if isinstance(tag, str) else "", [], 0, "", 0
     for i, ch in enumerate(text + " "):
         if quote or ch in "'\"":
@@ -81,8 +82,18 @@ def parse_overrides(tag: object) -> dict[str, str]:
         elif ch == " " and depth == 0:
             items.append(text[start:i])
             start = i + 1
-    pairs = (item.partition("=") for item in items)
+    return [item for item in items if item]
+
+
+def parse_overrides(tag: object) -> dict[str, str]:
+    """``{key: value}`` of :func:`override_tokens` (a deletion ``~key`` has no value)."""
+    pairs = (item.partition("=") for item in override_tokens(tag))
     return {key.lstrip("+~"): value for key, sep, value in pairs if sep}
+
+
+def pasteable(tokens: Iterable[str]) -> str:
+    """Overrides as a shell takes them back: quoted where a shell would split or expand."""
+    return " ".join(t if re.fullmatch(r"[\w.,=+~/:@%\-]+", t) else shlex.quote(t) for t in tokens)
 
 
 def quality_keys_of(metric_keys: Iterable[str], evaluators: Sequence[str]) -> list[str]:
@@ -122,6 +133,12 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
     given = pd.DataFrame(overrides, index=children.index, dtype=object)
     varied = sorted(k for k in given if given[k].nunique(dropna=False) > 1)
     common = {k: overrides[0][k] for k in sorted(given) if k not in varied}
+    tokens = (
+        override_tokens(_column(children, f"tags.{tr.OVERRIDES_TAG}").iloc[0])
+        if len(children)
+        else []
+    )
+    common_args = [t for t in tokens if t.split("=", 1)[0].lstrip("+~") not in varied]
     series = [k for k in varied if not LEVEL_KEY_PATTERN.search(k)]
     tags = _column(children, f"tags.{tr.EVALUATORS_TAG}").dropna()
     evaluators = {name.strip() for tag in tags for name in tag.split(",")}
@@ -152,7 +169,9 @@ def build_table(children: pd.DataFrame, parent_run_id: str, title: str) -> Sweep
         return [_sort_value(row[k]) for k in ranks], level, row["run_name"]
 
     table = pd.DataFrame(sorted(table.to_dict("records"), key=rank), columns=table.columns)
-    return SweepReport(parent_run_id, title, table, varied, common, quality, series)
+    report = SweepReport(parent_run_id, title, table, varied, common, quality, series)
+    report.common_args = common_args
+    return report
 
 
 def _cell(column: str, value: object) -> str:
@@ -179,10 +198,10 @@ def markdown(report: SweepReport) -> str:
     quality = [k for k in report.quality_keys if k not in baselines]
     cols = ["status", *report.varied_keys, SPARSITY_KEY, *quality, *SIZE_KEYS]
     cols += ["error"] if t["error"].any() else []
-    lines = [f"# {report.title}", "", f"Parent run `{report.parent_run_id}`, {len(t)} jobs."]
-    if report.common_overrides:
-        common = " ".join(f"{k}={v}" for k, v in report.common_overrides.items())
-        lines.append(f"Common overrides: `{common}`.")
+    runs = "Parent runs" if "," in report.parent_run_id else "Parent run"
+    lines = [f"# {report.title}", "", f"{runs} `{report.parent_run_id}`, {len(t)} jobs."]
+    if report.common_args:
+        lines.append(f"Common overrides (paste them back): `{pasteable(report.common_args)}`.")
     if baselines:
         dense = ", ".join(f"`{k}` = {_cell(k, v)}" for k, v in baselines.items())
         lines.append(f"Dense baseline (every job): {dense}.")
@@ -198,136 +217,56 @@ def markdown(report: SweepReport) -> str:
     return "\n".join([*lines, ""])
 
 
-# ----------------------------------------------------------------------------- the plots
-
-
-def _series(report: SweepReport) -> dict[str, pd.DataFrame]:
-    """Plot lines: finished jobs with a sparsity, grouped by the non-level varied options."""
-    t = report.table
-    t = t[t[SPARSITY_KEY].notna() & t["status"].isin(["FINISHED", "RUNNING"])]
-    labels = [
-        ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in report.series_keys) or "all jobs"
-        for _, row in t.iterrows()
-    ]
-    groups = t.groupby(pd.Series(labels, t.index, dtype=object), sort=False)
-    return {str(label): g.sort_values(SPARSITY_KEY) for label, g in groups}
-
-
-@contextmanager
-def _figure(path: Path, title: str, n_panels: int) -> Iterator[list]:
-    """Up to 3 panels a row, a title, a legend entry a series below them; saved on exit."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    nrows, ncols = math.ceil(n_panels / 3), min(3, n_panels)
-    size = (4.6 * ncols, 3.6 * nrows + 0.9)
-    fig, grid = plt.subplots(nrows, ncols, figsize=size, squeeze=False, layout="constrained")
-    for ax in grid.flat[n_panels:]:
-        ax.set_visible(False)
-    try:
-        yield list(grid.flat[:n_panels])
-        fig.suptitle(title, fontsize=13)
-        handles, labels = grid.flat[0].get_legend_handles_labels()  # the series: dense has none
-        if labels not in ([], ["all jobs"]):
-            style = {"ncol": min(len(labels), 4), "frameon": False, "fontsize": 9}
-            fig.legend(handles, labels, loc="outside lower center", **style)
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-
-
-def _lines(ax, groups: dict[str, pd.DataFrame], key: str, ylabel: str, scale: float = 1) -> None:
-    """A line a series, each its own colour and marker; earlier ones wider, so overlaps show."""
-    from matplotlib import rcParams
-
-    colors = rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, rows) in enumerate(groups.items()):
-        pts = rows[[SPARSITY_KEY, key]].dropna()
-        style = {"color": colors[i % len(colors)], "marker": "os^Dvp*"[i % 7], "zorder": 2 + i}
-        lw, ms = max(3.2 - 0.7 * i, 1.2), max(7.0 - 1.0 * i, 4.0)
-        if not pts.empty:
-            ax.plot(pts[SPARSITY_KEY], pts[key] / scale, label=label, lw=lw, ms=ms, **style)
-    ax.set_title(key, fontsize=10)
-    ax.set_ylabel(ylabel)
-    ax.set_xlabel("sparsity reached (fraction of entries zeroed)")
-    ax.grid(True, alpha=0.3)
-
-
-def _reference(ax, values: Iterable[float], label: str, loc: str = "best") -> None:
-    """Dashed grey lines (a dense baseline), with their own legend inside the panel."""
-    lines = [ax.axhline(value, color="grey", ls="--", lw=1) for value in values]
-    if lines:
-        ax.legend(handles=lines[:1], labels=[label], loc=loc, fontsize=8)
-
-
-def plot_quality(report: SweepReport, path: Path) -> bool:
-    """A panel a sparse-side quality metric (no deltas, dense baselines nor timings)."""
-    keys = [k for k in report.quality_keys if not k.endswith(("/dense", "/delta"))]
-    keys = [k for k in keys if "time" not in k.split("/")[-1]][:MAX_PANELS]
-    groups = _series(report)
-    if not keys or not groups:
-        return False
-    with _figure(path, "Quality against sparsity", len(keys)) as axes:
-        for ax, key in zip(axes, keys, strict=True):
-            _lines(ax, groups, key, key.split("/", 1)[-1].replace("/sparse", ""))
-            dense = _column(report.table, key.removesuffix("/sparse") + "/dense").dropna()
-            if key.endswith("/sparse") and not dense.empty:
-                _reference(ax, [dense.mean()], "dense")
-    return True
-
-
-def plot_size(report: SweepReport, path: Path) -> bool:
-    """Compressed size against sparsity, then a panel a timing ratio (sparse / dense)."""
-    groups = {k: g[g[COMPRESSED_BYTES_KEY].notna()] for k, g in _series(report).items()}
-    groups = {k: g for k, g in groups.items() if not g.empty}
-    if not groups:
-        return False
-    timing = [k for k in report.quality_keys if "time" in k.split("/")[-1]][: MAX_PANELS - 1]
-    rows = pd.concat(groups.values())
-    scale, unit = (1e6, "MB") if rows[COMPRESSED_BYTES_KEY].max() > 1e6 else (1e3, "kB")
-    with _figure(path, "Size (and speed) against sparsity", 1 + len(timing)) as axes:
-        _lines(axes[0], groups, COMPRESSED_BYTES_KEY, f"size on disk ({unit})", scale)
-        axes[0].set_title("compressed size of the sparsified data", fontsize=10)
-        dense = sorted(set(rows[DENSE_BYTES_KEY].dropna()) - {0.0})
-        _reference(axes[0], [d / scale for d in dense], "dense size", "upper right")
-        axes[0].set_ylim(bottom=0)
-        for ax, key in zip(axes[1:], timing, strict=True):
-            _lines(ax, groups, key, "time sparse / dense")
-            ax.axhline(1.0, color="grey", ls="--", lw=1)
-            lo, hi = ax.get_ylim()
-            if lo > 0 and hi / lo > 20:  # ratios spanning decades
-                ax.set_yscale("log")
-    return True
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
 def build_sweep_report(
-    client: MlflowClient, parent_run_id: str, out_dir: Path | str
+    client: MlflowClient, parent_run_id: str | Sequence[str], out_dir: Path | str
 ) -> SweepReport:
-    """Read the sweep's child runs and write the table and plots into ``out_dir``."""
+    """Read the sweep's child runs and write the table and plots into ``out_dir``; several
+    parent run ids give one report of all their children (their own picks not marked)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parent = client.get_run(parent_run_id)
+    ids = [parent_run_id] if isinstance(parent_run_id, str) else list(parent_run_id)
+    parent = client.get_run(ids[0])
     experiment = client.get_experiment(parent.info.experiment_id).name
     # through the client, not mlflow.search_runs: that one reads the global tracking URI
-    children = tr.sweep_children_frame(client, parent_run_id)
-    report = build_table(children, parent_run_id, f"Sweep report: experiment {experiment}")
-    report.pick = parent.data.tags.get("sparsify.pick", "")
-    report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
-    report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
-    report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
+    children = _merged_children(client, ids)
+    title = f"Sweep report: experiment {experiment}"
+    if len(ids) > 1:
+        title = f"Report of {len(ids)} sweeps: experiment {experiment}"
+    report = build_table(children, ",".join(ids), title)
+    if len(ids) == 1:
+        report.pick = parent.data.tags.get("sparsify.pick", "")
+        report.pick_rule = parent.data.tags.get("sparsify.pick_rule", "")
+        report.pick_note = parent.data.tags.get("sparsify.pick_note", "")
+        report.pick_bounds = json.loads(parent.data.tags.get("sparsify.pick_bounds") or "{}")
     report.table.to_csv(out / "sweep_report.csv", index=False)
     (out / "sweep_report.md").write_text(markdown(report))
+    from sparsify_exp.runner.sweep.plots import plot_quality, plot_size
+
     plots = {"quality_vs_sparsity.png": plot_quality, "size_vs_sparsity.png": plot_size}
     report.files = [out / "sweep_report.csv", out / "sweep_report.md"]
     report.files += [out / name for name, plot in plots.items() if plot(report, out / name)]
     if _tradeoff(report, children, out / TRADEOFF_FILE):
         report.files.append(out / TRADEOFF_FILE)
     return report
+
+
+def _merged_children(client: MlflowClient, parent_ids: Sequence[str]) -> pd.DataFrame:
+    """The children of every sweep, in order; a run name another sweep also has gets its
+    sweep's number (``s2: level=0.5``), so rows and legends stay apart."""
+    frames = [tr.sweep_children_frame(client, p) for p in parent_ids]
+    if len(frames) == 1:
+        return frames[0]
+    names = [set(_column(f, "tags.mlflow.runName").dropna()) for f in frames]
+    for i, frame in enumerate(frames):
+        others = set().union(*(n for j, n in enumerate(names) if j != i))
+        if "tags.mlflow.runName" in frame:
+            frame["tags.mlflow.runName"] = [
+                f"s{i + 1}: {n}" if n in others else n for n in frame["tags.mlflow.runName"]
+            ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _tradeoff(report: SweepReport, children: pd.DataFrame, path: Path) -> bool:
@@ -377,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--experiment", required=True, help="MLflow experiment name")
     add("--parent", help="the sweep's parent run id (default: the experiment's latest sweep)")
     add("--all", action="store_true", help="report every sweep in the experiment")
+    add(
+        "--merge",
+        action="store_true",
+        help="one report of the sweeps (--all, or --parent ID,ID,...), logged to the latest "
+        f"one's {ARTIFACT_DIR}/merged/",
+    )
     add("--tracking-uri", help="MLflow tracking URI (default: MLflow's own resolution)")
     add("--out", help="also keep the report files in this folder")
     add("--no-log", action="store_true", help="only write --out; log nothing to the store")
@@ -387,12 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if client.get_experiment_by_name(args.experiment) is None:
         return _fail(f"no experiment named {args.experiment!r}")
     if args.parent:
-        parents = [args.parent]
+        parents = args.parent.split(",")
     else:
         parents = [r.info.run_id for r in tr.find_sweeps(client, args.experiment)]
-    parents = parents if args.all else parents[:1]
+    parents = parents if args.all or args.parent else parents[:1]
     if not parents:
         return _fail(f"no sweep parent run (tag {tr.SWEEP_TAG}=true) in {args.experiment!r}")
+    if args.merge:
+        return _merge(client, parents, args.out, args.no_log)
     for parent_id in parents:
         out = Path(args.out) / parent_id if args.out and len(parents) > 1 else args.out
         try:  # --no-log comes with --out
@@ -403,6 +350,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = out or f"parent run artifacts {ARTIFACT_DIR}/"
         print(f"sweep {parent_id}: {len(report.table)} jobs -> {where}")
         print(markdown(report))
+    return 0
+
+
+def _merge(client: MlflowClient, parents: list[str], out: str | None, no_log: bool) -> int:
+    """One report of several sweeps, logged to the latest sweep's ``report/merged/``."""
+    with tempfile.TemporaryDirectory(prefix="sweep_report_") as tmp:
+        try:
+            report = build_sweep_report(client, parents, out or tmp)
+            if not no_log:
+                for path in report.files:
+                    client.log_artifact(parents[0], str(path), f"{ARTIFACT_DIR}/merged")
+        except MlflowException as e:
+            return _fail(f"sweeps {', '.join(parents)}: {e.message}")
+    where = out or f"parent run {parents[0]} artifacts {ARTIFACT_DIR}/merged/"
+    print(f"{len(parents)} sweeps: {len(report.table)} jobs -> {where}")
+    print(markdown(report))
     return 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -64,9 +64,10 @@ def view_page(uri: str, experiment_id: str, key: str, charts: bool = False) -> s
     )
 
 
-def _width(label: str) -> int:
-    """A column wide enough for its whole header (the UI's font: ~7 px a character)."""
-    return max(90, 7 * len(label) + 40)
+def _width(label: str, values: Sequence[str] = ()) -> int:
+    """A column wide enough for its whole header and values (the UI's font: ~7 px a
+    character)."""
+    return max(80, 7 * max([len(label), *(len(v) for v in values)]) + 24)
 
 
 def _chart(kind: str, name: str, section: str, **fields: Any) -> dict[str, Any]:
@@ -133,10 +134,11 @@ def save_sweep_view(
     name: str,
     columns: Sequence[str],
     charts: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+    values: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """Saves the sweep's view (see the module doc): ``columns`` (column ids, see
-    :func:`column`) in this order, each as wide as its header, and the chart mode's
-    ``(charts, sections)``; returns its key."""
+    :func:`column`) in this order, each as wide as its header and its ``values`` (by column
+    id), and the chart mode's ``(charts, sections)``; returns its key."""
     columns = list(columns)
     state: dict[str, Any] = {
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
@@ -145,7 +147,9 @@ def save_sweep_view(
         "lifecycleFilter": "Active",
         "selectedColumns": columns,
         "columnOrder": columns,
-        "columnWidths": {c: _width(c.split(".", 1)[1].strip("`")) for c in columns},
+        "columnWidths": {
+            c: _width(c.split(".", 1)[1].strip("`"), (values or {}).get(c, ())) for c in columns
+        },
         "runsHiddenMode": "SHOW_ALL",
     }
     if charts is not None:

@@ -40,7 +40,8 @@ def reap_dead_runs(
     """Marks FAILED the RUNNING runs of ``experiment_id`` whose ``sparsify.heartbeat`` tag is
     older than ``stale_s`` seconds (their process died without ending them); returns their ids.
 
-    Runs without the tag (a sweep's parent run, runs of other tools) are left alone.
+    Runs without the tag (runs of other tools) are left alone; a sweep's parent run has it
+    (:class:`Beater`).
     """
     from mlflow.entities import RunTag
 
@@ -98,6 +99,11 @@ class Beater:
         while not self._stop.wait(self.every_s):
             try:
                 self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+                run = self.client.get_run(self.run_id)  # taken for dead while the store
+                reason = run.data.tags.get(tr.FAILURE_TAG, "")  # was away? it was not
+                if run.info.status == "FAILED" and reason.startswith(PROCESS_DIED):
+                    self.client.update_run(self.run_id, status="RUNNING")
+                    delete_tags(self.client, self.run_id, tr.FAILURE_TAG, NOTE_TAG)
             except Exception as e:  # the store may be away or busy: the next beat retries
                 if not self._warned:
                     self._warned = True

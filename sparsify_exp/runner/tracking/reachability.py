@@ -94,6 +94,42 @@ def is_transient(error: BaseException) -> bool:
     return not isinstance(error, (TypeError, ValueError, KeyError, AttributeError))
 
 
+# --------------------------------------------------------------------------- quiet clients
+
+#: Loggers that report each failed call to an away or refusing store themselves: MLflow's
+#: SQL store logs a traceback per failed session, urllib3 a "Retrying ..." line per request.
+#: The runner says once that the store is away and once that it is back.
+NOISY_LOGGERS = (
+    "mlflow.store.db.utils",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.utils.rest_utils",
+    "mlflow.tracking._tracking_service.client",
+    "urllib3.connectionpool",
+    "urllib3.util.retry",
+)
+
+
+class _Quiet(logging.Filter):
+    """Drops warnings and errors (and their tracebacks) of a store client's logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+_QUIET = _Quiet()
+
+
+def quiet_store_loggers() -> None:
+    """Silences :data:`NOISY_LOGGERS`' warnings and errors for this process (idempotent);
+    ``SPARSIFY_EXP_STORE_LOGS=1`` keeps them, for debugging a store."""
+    if os.environ.get("SPARSIFY_EXP_STORE_LOGS"):
+        return
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+
+
 # --------------------------------------------------------------------------- start of a run
 
 

@@ -126,8 +126,13 @@ class Spool:
     def append(self, line: bytes) -> None:
         assert self._fd is not None, "spool not open for writing"
         view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:  # a full disk: say which file
+            if e.filename or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, str(self.records)) from e
 
     def fsync(self) -> None:
         if self._fd is not None:

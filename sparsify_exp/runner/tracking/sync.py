@@ -19,7 +19,7 @@ from pathlib import Path
 from sparsify_exp.runner.tracking import heartbeat, reachability
 from sparsify_exp.runner.tracking import spool as sp
 from sparsify_exp.runner.tracking import store as tr
-from sparsify_exp.runner.tracking.uploader import Uploader
+from sparsify_exp.runner.tracking.uploader import RunEndedElsewhere, Uploader
 
 __all__ = ["main", "sync"]
 
@@ -56,6 +56,7 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
         uri = uri or info["tracking_uri"]
         run_id = info["run_id"]
         reachability.configure_http(uri)
+        reachability.quiet_store_loggers()
         upstream = tr.RunTracker(tr.open_client(uri), run_id)
         uploader = Uploader(spool, upstream)
         deadline = time.monotonic() + timeout_s
@@ -78,6 +79,10 @@ def _sync_one(spool: sp.Spool, uri: str | None, timeout_s: float, out) -> int:
                     return 1
                 time.sleep(backoff)
                 backoff = min(backoff * 2, reachability.MAX_BACKOFF_S)
+    except RunEndedElsewhere as e:  # its end would flip the run back: not uploaded
+        out(f"{spool.path}: not uploaded: {e}")
+        spool.remove()
+        return 0
     except BaseException:
         spool.unlock()
         raise

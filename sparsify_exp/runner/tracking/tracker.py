@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify_exp.runner.tracking import store as tr
-from sparsify_exp.runner.tracking.heartbeat import HEARTBEAT_TAG
+from sparsify_exp.runner.tracking.heartbeat import HEARTBEAT_TAG, failure_tags
 from sparsify_exp.runner.tracking.reachability import (
     MAX_BACKOFF_S,
     Transient,
@@ -23,9 +23,13 @@ from sparsify_exp.runner.tracking.reachability import (
     short_reason,
 )
 from sparsify_exp.runner.tracking.spool import Spool
-from sparsify_exp.runner.tracking.uploader import Uploader, sync_command
+from sparsify_exp.runner.tracking.uploader import RunEndedElsewhere, Uploader, sync_command
 
 log = logging.getLogger("sparsify_exp.runner")
+
+#: How often an idle flusher checks that no other process ended the run (seconds); it also
+#: checks before each upload round.
+CHECK_ENDED_S = 1.0
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -78,6 +82,8 @@ class SpoolTracker:
         self._crash: BaseException | None = None
         self._down_since: float | None = None
         self._warned = False
+        self._ended_elsewhere: RunEndedElsewhere | None = None
+        self._checked_at = 0.0
         self._thread = threading.Thread(
             target=self._loop, name=f"spool-{self.run_id[:8]}", daemon=True
         )
@@ -130,6 +136,8 @@ class SpoolTracker:
     # ---- internals
 
     def _append(self, record: dict[str, Any]) -> None:
+        if self._ended_elsewhere is not None and not self._ending:
+            raise self._ended_elsewhere  # the job stops: its run is over
         with self._lock:
             if self._ending:
                 raise RuntimeError(f"run {self.run_id} was ended; nothing more can be logged")
@@ -147,8 +155,15 @@ class SpoolTracker:
         with self._lock:
             if self._ending:
                 return
-            self._write({"kind": "end", "status": status, "reason": reason})
             self._ending = True
+            if self._ended_elsewhere is not None:  # not flipped back, not logged into
+                self._drop(self._ended_elsewhere)
+                return
+            try:
+                self._write({"kind": "end", "status": status, "reason": reason})
+            except OSError as e:  # the spool cannot take it (a full disk): end it directly
+                self._end_directly(status, reason, e)
+                return
         self.spool.fsync()
         self._wake.set()
         started = time.monotonic()
@@ -161,6 +176,9 @@ class SpoolTracker:
         except BaseException:  # Ctrl-C, a signal: stop waiting, the spool stays
             self._give_up("not waited for (interrupted)")
             raise
+        if self._ended_elsewhere is not None:
+            self._drop(self._ended_elsewhere)
+            return
         if not self._done.is_set() or self._crash is not None or not self._uploader.ended:
             if self._crash is not None:
                 why = f"upload failed ({type(self._crash).__name__}: {self._crash})"
@@ -176,6 +194,54 @@ class SpoolTracker:
             self.spool.unlock()
         else:
             self.spool.remove()
+
+    def _drop(self, ended: RunEndedElsewhere) -> None:
+        """The run was ended by another process: what this job spooled since is dropped, so
+        that neither this job nor a later ``sync`` logs into it or changes its status."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        pending = self.spool.pending()
+        self.spool.remove()
+        log.warning(
+            "run %s was ended %s by another process (%s): %d record(s) this job logged "
+            "since were dropped",
+            self.run_id,
+            ended.status,
+            ended.reason,
+            pending,
+        )
+
+    def _end_directly(self, status: str, reason: str | None, error: OSError) -> None:
+        """Ends the run in the store itself when its end cannot be spooled: a full job
+        folder must not leave it RUNNING. The records spooled before stay for ``sync``."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=max(self.poll_s, 1.0) * 5)
+        with contextlib.suppress(OSError):
+            self.spool.close()
+        why = f"{type(error).__name__}: {error}"
+        if status == "FINISHED":
+            status, reason = "FAILED", why
+        else:
+            reason = f"{reason} (then {why})" if reason and why not in reason else reason or why
+        try:
+            self.upstream.set_tags(failure_tags(status, reason))
+            self.upstream.client.set_terminated(self.run_id, status)
+        except Exception as e:
+            log.error("could not end run %s in the store: %s", self.run_id, short_reason(e))
+            return
+        finally:
+            self.spool.unlock()
+        log.error(
+            "run %s ended %s directly (its spool could not take it: %s); %d spooled record(s) "
+            "not uploaded yet: %s",
+            self.run_id,
+            status,
+            error,
+            self.spool.pending(),
+            sync_command(self.job_dir),
+        )
 
     def _give_up(self, why: str) -> None:
         """Stops the flusher and leaves the spool, with the command that uploads it later.
@@ -217,6 +283,10 @@ class SpoolTracker:
             try:
                 if self._down_since is not None and not self._ending:
                     self._uploader.revive()  # before new records: it may have been reaped
+                now = time.monotonic()
+                if not self._ending and (up.behind() or now - self._checked_at >= CHECK_ENDED_S):
+                    self._checked_at = now  # before each upload: nothing goes into an ended run
+                    up.check_ended()
                 while up.behind() and not self._stop.is_set():
                     self.spool.fsync()
                     if not up.step(self._stop):
@@ -228,6 +298,10 @@ class SpoolTracker:
                 if up.ended is not None:
                     self._done.set()
                     return
+            except RunEndedElsewhere as e:
+                self._ended_elsewhere = e
+                self._done.set()
+                return
             except Transient as e:
                 self._away(e)
                 backoff = min(max(backoff * 2, 0.5), MAX_BACKOFF_S)

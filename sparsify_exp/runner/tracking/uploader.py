@@ -55,6 +55,25 @@ def _group_end(items: list[tuple[dict[str, Any], int]], i: int) -> int:
     return j
 
 
+class RunEndedElsewhere(BaseException):
+    """The job's run was ended by another process (its sweep was stopped, a user killed it):
+    the job stops and logs nothing more into it (a BaseException, like a signal)."""
+
+    def __init__(self, run_id: str, status: str, reason: str):
+        self.run_id, self.status, self.reason = run_id, status, reason
+        super().__init__(f"run {run_id} was ended {status} by another process ({reason})")
+
+
+def ended_elsewhere(run: Any) -> tuple[str, str] | None:
+    """``(status, reason)`` when ``run`` was ended while its job still runs; None while it is
+    RUNNING or was only taken for dead (``process died``: the job revives it)."""
+    status = run.info.status
+    reason = run.data.tags.get(tr.FAILURE_TAG, "")
+    if status == "RUNNING" or (status == "FAILED" and reason.startswith(PROCESS_DIED)):
+        return None
+    return status, reason or "no reason given"
+
+
 def _split(record: dict[str, Any]) -> list[dict[str, Any]]:
     """A metrics/params/tags record as one record a value (to find the one the store refuses)."""
     values = record.get("values") or {}
@@ -180,9 +199,30 @@ class Uploader:
         else:
             raise ValueError(f"unknown spool record {group[0]!r}")
 
+    def check_ended(self) -> None:
+        """Raises :class:`RunEndedElsewhere` when another process ended the run (a stopped
+        sweep marks its running children KILLED): nothing more is uploaded into it."""
+        up = self.upstream
+        try:
+            run = up.client.get_run(up.run_id)
+        except Exception as e:
+            if is_transient(e):
+                raise Transient(e) from e
+            raise
+        ended = ended_elsewhere(run)
+        if ended is not None:
+            raise RunEndedElsewhere(up.run_id, *ended)
+
     def _apply_end(self, record: dict[str, Any]) -> None:
         up = self.upstream
         status, reason = str(record["status"]), record.get("reason")
+        try:
+            self.check_ended()  # never flips back a run another process ended
+        except RunEndedElsewhere as e:
+            if e.status != status:
+                raise
+            self.ended = {**record, "status": status, "reason": reason}  # applied before
+            return
         if self.rejected:  # said once when it happened; on the run for whoever looks
             up.set_tags(
                 {

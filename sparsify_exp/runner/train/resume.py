@@ -96,3 +96,25 @@ def problems(target: str, uri: str, overrides: list[str], composed: Mapping) -> 
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+class SkipLogged:
+    """A resumed run recomputes the steps after its checkpoint: metrics of the steps the
+    store already has are not logged twice."""
+
+    def __init__(self, tracker: Any, through: int) -> None:
+        self.tracker, self.through = tracker, through
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if step > self.through:
+            self.tracker.log_metrics(metrics, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tracker, name)
+
+
+def last_logged_step(tracker: Any) -> int:
+    """The last step of ``sparsity/overall`` the run's store has (-1: none)."""
+    client = tracker.upstream.client
+    history = client.get_metric_history(tracker.run_id, tr.SPARSITY_KEY)
+    return max((m.step for m in history), default=-1)
