@@ -10,10 +10,11 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from sparsify_exp.runner import compose_config
+from sparsify_exp.runner.build import build
 from sparsify_exp.runner.validate import validate
 
 CONF = Path(__file__).resolve().parents[1] / "sparsify_exp" / "conf"
-GROUPS = ["data", "sparsifier", "schedule", "per_name", "eval"]
+GROUPS = ["data", "sparsifier", "schedule", "per_name", "eval", "calibration"]
 
 
 def _options(group: str) -> list[str]:
@@ -45,6 +46,7 @@ def test_every_group_has_options():
     assert {"first_row", "data_norm"} <= set(_options("sparsifier"))
     assert {"once", "linear", "step", "cubic"} <= set(_options("schedule"))
     assert {"none", "example"} <= set(_options("per_name"))
+    assert {"none", "batches", "text"} <= set(_options("calibration"))
 
 
 # options that build only under torchrun, with a process group: tests/test_sharded.py
@@ -52,6 +54,15 @@ SHARDED = {
     ("data", "sharded"),
     ("sparsifier", "sharded_data_norm"),
     ("sparsifier", "sharded_magnitude"),
+}
+
+
+# options that rank by calibration data, and what they run with: a model and its batches
+CALIBRATED = {
+    "wanda": ["data=dlrm", "data.include=[bottom.*.weight]", "calibration=batches"],
+    "row_usage": ["data=dlrm", "calibration=batches"],
+    "batches": ["data=dlrm", "sparsifier=row_usage"],
+    "text": ["data=hf", "sparsifier=wanda", "calibration.texts=[the model is a sparse table]"],
 }
 
 
@@ -74,8 +85,20 @@ def test_every_option_composes_validates_and_builds(group, option, weights):
         overrides.append("data=digits_mlp")  # the task example needs its model
     if group == "schedule":
         overrides.append("sparsifier=data_norm")
+    calibrated = option in CALIBRATED
+    if calibrated:
+        overrides += CALIBRATED[option]
+    if "data=hf" in overrides and not (group == "data" and option == "hf"):
+        from hf_models import tiny_bert
+
+        overrides.append(f"data.path={tiny_bert(weights.parent / 'bert')}")
     cfg = compose_config(overrides)
     assert validate(cfg) == []
+    if calibrated:  # statistics from the model: the runner's build runs the batches
+        built = build(cfg, [], 0)
+        assert built.calibration["calibration/seconds"] > 0
+        built.sparsifier.step()
+        return
 
     bundle = instantiate(cfg.data, _convert_="all")
     assert bundle.named_data

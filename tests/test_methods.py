@@ -25,6 +25,8 @@ METHODS = {
         {"sparse_block_shape": [1, 4], "zeros_per_block": 2, "sparsity_level": 1.0},
     ),
     "row_norm": ("sparsify_exp.RowSparsifier", {}),
+    "row_usage": ("sparsify_exp.RowSparsifier", {"score": "usage_then_norm"}),
+    "wanda": ("sparsify_exp.WandaSparsifier", {"compare": "row"}),
 }
 
 

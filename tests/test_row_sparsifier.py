@@ -287,3 +287,11 @@ def test_bad_usage_config_names_the_key(config, match):
         sp.add_data("t", torch.randn(5, 2), **config)
     with pytest.raises(ConfigValueError, match="score='often'"):
         RowSparsifier(score="often")
+
+
+def test_usage_then_last_removes_the_later_rows_of_equal_count():
+    data = torch.ones(6, 2)
+    counts = torch.tensor([0, 5, 0, 0, 1, 0])
+    mask = usage_mask(data, counts, 0.5, score="usage_then_last")
+    # unused rows 0, 2, 3, 5: the last ones (5, 3, 2) go first
+    assert mask[:, 0].tolist() == [True, True, False, False, True, False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -13,6 +13,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from sparsify_exp.runner.calibration.checks import is_none
+from sparsify_exp.runner.calibration.collect import Calibrated, calibrate
 from sparsify_exp.runner.config import evaluator_nodes
 from sparsify_exp.runner.data import DataBundle
 from sparsify_exp.sparsifier import count_nonfinite
@@ -36,6 +38,8 @@ class Built:
     """NaN / inf entries of each added name that has any."""
     train_fn: Any = None
     """The ``train.fn`` callable (see :mod:`~sparsify_exp.runner.train.loop`), or None."""
+    calibration: dict[str, float] = field(default_factory=dict)
+    """``calibration/*`` metrics of the pass before the first step (empty: none ran)."""
 
 
 def per_name_config(name: str, rules: list[Mapping]) -> tuple[bool, dict]:
@@ -52,13 +56,19 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
     torch.manual_seed(seed)
     bundle = instantiate(cfg.data, _convert_="all")
     sp = instantiate(cfg.sparsifier, _convert_="all")
-    added: dict[str, Any] = {}
+    plan: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
-    for name, obj in bundle.named_data.items():
+    for name in bundle.named_data:
         skip, conf = per_name_config(name, rules)
         if skip:
             skipped.append(name)
-            continue
+        else:
+            plan[name] = conf
+    calibrated = _calibrate(cfg, bundle, sp, list(plan))
+    added: dict[str, Any] = {}
+    for name, conf in plan.items():
+        obj = bundle.named_data[name]
+        conf = {**conf, **calibrated.config.get(name, {})}  # the statistics it needs
         if bundle.mapped is not None:  # the mask at 1 bit an entry, the data never written
             add_mapped(sp, name, obj, **conf)
         else:
@@ -90,7 +100,20 @@ def build(cfg: DictConfig, rules: list[Mapping], seed: int) -> Built:
     }
     train_node = cfg.train.get("fn") if cfg.get("train") is not None else None
     train_fn = instantiate(train_node, _convert_="all") if train_node is not None else None
-    return Built(bundle, sp, added, skipped, scheduler, evaluators, nonfinite, train_fn)
+    return Built(
+        bundle, sp, added, skipped, scheduler, evaluators, nonfinite, train_fn, calibrated.metrics
+    )
+
+
+def _calibrate(cfg: DictConfig, bundle: DataBundle, sp: Any, names: list[str]) -> Calibrated:
+    """The statistics the sparsifier declares, from ``cfg.calibration``'s batches (none:
+    nothing ran; validation made sure the sparsifier needs none then)."""
+    node = cfg.get("calibration")
+    if is_none(node) or not names:
+        return Calibrated({}, {})
+    source = instantiate(node, _convert_="all")
+    progress = str(cfg.output.get("progress", "auto")) if cfg.get("output") else "auto"
+    return calibrate(source, bundle, sp, names, progress)
 
 
 def _warn_whole_tensor_blocks(sp: Any, added: Mapping[str, Any]) -> None:

@@ -217,3 +217,4 @@ class RunnerConfig(_Node):
     sparsifier: dict[str, Any]
     train: TrainConfig = TrainConfig()
     eval: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None

@@ -317,7 +317,7 @@ def _execute(
         raise RuntimeError(
             f"{', '.join(wanting)} compare with the dense data, which a resumed run no longer has"
         )
-    tracker.log_metrics(_hook(built.evaluators, "on_start", ctx), step=0)
+    tracker.log_metrics({**built.calibration, **_hook(built.evaluators, "on_start", ctx)}, step=0)
 
     # ---- the steps
     measure = StepMetrics(

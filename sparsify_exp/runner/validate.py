@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from sparsify_exp.errors import ConfigValueError
+from sparsify_exp.runner.calibration.checks import calibration_problems
 from sparsify_exp.runner.config import (
     EVAL_EVERY,
     HYDRA_KEYS,
@@ -260,7 +261,10 @@ def validate(cfg: DictConfig) -> list[str]:
         RunnerConfig.model_validate(c)
     except ValidationError as e:
         problems.add_validation_error("", e, c, RunnerConfig)
-    if any(k in problems.lines for k in ("data", "sparsifier", "eval", "schedule.scheduler")):
+    if any(
+        k in problems.lines
+        for k in ("data", "sparsifier", "eval", "schedule.scheduler", "calibration")
+    ):
         return _drop_derived(problems, body)
 
     if c.get("resume"):
@@ -288,8 +292,12 @@ def validate(cfg: DictConfig) -> list[str]:
     if isinstance(train_fn, Mapping):
         check_target(problems, "train.fn", train_fn, supplied=("ctx",))
 
+    calibration = c.get("calibration")
+    cal_fn = check_target(problems, "calibration", calibration) if calibration else None
     sp = _build(problems, "sparsifier", sp_fn, c["sparsifier"]) if sp_fn else None
     if sp is not None:
+        for key, value, message in calibration_problems(c, sp, cal_fn):
+            problems.add(key, value, message)
         _check_rules(problems, sp, c["per_name"]["rules"])
         if sched_fn is not None and _check_schedule_param(problems, sp, c):
             _build(problems, "schedule.scheduler", sched_fn, sched_node, data_sparsifier=sp)

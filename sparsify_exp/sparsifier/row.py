@@ -17,7 +17,7 @@ from sparsify_exp.sparsifier.scope import check_scope
 
 __all__ = ["SCORES", "CompactRows", "RowSparsifier", "compact_rows", "row_scores"]
 
-SCORES = ("norm", "usage", "usage_then_norm")
+SCORES = ("norm", "usage", "usage_then_norm", "usage_then_last")
 
 
 def _check_score(value: Any) -> str:
@@ -53,13 +53,18 @@ def check_row_counts(value: Any) -> torch.Tensor:
     return value
 
 
-def _usage_order(counts: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+def _usage_order(
+    counts: torch.Tensor, norms: torch.Tensor | None, last_first: bool = False
+) -> torch.Tensor:
     """Row indices, least used first; equal counts by ``norms`` (as :func:`row_scores` ranks
-    them: NaN last) when given, else by position."""
-    if norms is None:
+    them: NaN last) when given, else by position (the last rows first with ``last_first``)."""
+    if norms is not None:
+        prior = torch.sort(norms, stable=True).indices
+    elif last_first:
+        prior = torch.arange(counts.numel() - 1, -1, -1, device=counts.device)
+    else:
         return torch.sort(counts, stable=True).indices
-    by_norm = torch.sort(norms, stable=True).indices
-    return by_norm[torch.sort(counts[by_norm], stable=True).indices]
+    return prior[torch.sort(counts[prior], stable=True).indices]
 
 
 def row_scores(data: torch.Tensor, norm: str) -> torch.Tensor:
@@ -101,8 +106,11 @@ class RowSparsifier(BaseDataSparsifier):
       ``add_data(name, data, sparsity_level=...)`` may override per name.
     * ``norm``: ``"L1"`` (sum of ``|x|``) or ``"L2"`` (its order is that of the 2-norm).
     * ``score``: ``"norm"`` (rows of lowest norm first), ``"usage"`` (rows looked up least
-      often first, equal counts by position) or ``"usage_then_norm"`` (least used first,
-      equal counts by norm: among the rows no batch touched, the smallest go first). The
+      often first, equal counts by position), ``"usage_then_norm"`` (least used first,
+      equal counts by norm: among the rows no batch touched, the smallest go first; trained
+      recommendation tables, whose rare rows stay small) or ``"usage_then_last"`` (equal
+      counts the last rows first: tokenizer vocabularies, whose ids are in merge or
+      frequency order, so later ids are rarer). The
       usage scores need ``row_counts`` in each name's ``add_data`` config, one count a row
       (:attr:`sparsify_exp.calibration.CalibrationStats.row_counts`). On a pretrained word
       table the rows of lowest norm are the most frequent tokens: usage is the signal there.
@@ -137,7 +145,7 @@ class RowSparsifier(BaseDataSparsifier):
 
     def validate_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
         checks: dict[str, Any] = {"sparsity_level": check_level}
-        if self.score != "norm":
+        if self.score != "norm" and "row_counts" in config:  # add_data requires them
             checks["row_counts"] = check_row_counts
         return checked_config(name, config, checks)
 
@@ -169,7 +177,8 @@ class RowSparsifier(BaseDataSparsifier):
         norms = row_scores(data, self.norm) if self.score == "usage_then_norm" else None
         counts = row_counts.to(data.device)  # type: ignore[union-attr]
         removed = torch.zeros(rows, dtype=torch.bool, device=data.device)
-        removed[_usage_order(counts, norms)[:k]] = True
+        order = _usage_order(counts, norms, last_first=self.score == "usage_then_last")
+        removed[order[:k]] = True
         return removed
 
     def update_mask(  # type: ignore[override]

@@ -183,7 +183,8 @@ class WandaSparsifier(GlobalScopeMixin, BaseDataSparsifier):
         try:
             config["sparsity_level"] = check_level(config.get("sparsity_level"))
             config["n"], config["m"] = _check_nm(config.get("n"), config.get("m"))
-            config["input_norms"] = check_input_norms(config.get("input_norms"))
+            if "input_norms" in config:  # add_data requires them; a bare config may lack them
+                config["input_norms"] = check_input_norms(config["input_norms"])
         except ConfigValueError as error:
             raise error.for_name(name) from None
         return config

@@ -74,7 +74,9 @@ class DataBundle:
     """The :class:`~sparsify_exp.streaming.Checkpoint` when the data is memory-mapped: its
     masks are held packed and ``save`` streams the squash to a new ``.safetensors`` file."""
     tokenizer: Any = None
-    """The model's tokenizer (``data=hf``), for evaluators and calibration; None without one."""
+    """The model's tokenizer (``data=hf``), for evaluators and ``calibration=text``; None
+    without one. A source that sets one says ``TOKENIZER = True`` in its module, so a
+    calibration=text config is checked before any run."""
 
     @property
     def suffix(self) -> str:

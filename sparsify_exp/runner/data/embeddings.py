@@ -12,6 +12,7 @@ from sparsify_exp.runner.data import DataBundle, NonEmpty, UniqueNames
 
 #: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
 EMBEDDING_TABLES = True
+MODEL = False  # no nn.Module to run calibration inputs through
 
 
 class TableSpec(BaseModel):

@@ -29,6 +29,7 @@ SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 
 #: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
 EMBEDDING_TABLES = False
+MODEL = False  # no nn.Module to run calibration inputs through
 
 
 def _walk(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -33,6 +33,8 @@ from sparsify_exp.runner.data import DataBundle, select_names, write_safetensors
 log = logging.getLogger("sparsify_exp.runner")
 
 BLOCKS = "blocks"
+MODEL = True  # calibration runs its inputs through the model
+TOKENIZER = True  # the folder's tokenizer, when it has one (see has_tokenizer)
 EXTRA = "pip install 'sparsify-exp[hf]'"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx")
 TOKENIZER_FILES = (
@@ -192,6 +194,15 @@ def _write_compression_config(
 
 def _has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def has_tokenizer(path: Any = None, **_: object) -> bool | None:
+    """Whether the model at ``path`` comes with a tokenizer, known before loading it for a
+    local folder (``None`` for a hub id): calibration=text checks it up front."""
+    folder = Path(str(path)).expanduser() if isinstance(path, str) else None
+    if folder is None or not folder.is_dir():
+        return None
+    return _has_tokenizer(folder)
 
 
 @validate_call

@@ -9,6 +9,8 @@ from torch import nn
 
 from sparsify_exp.runner.data import DataBundle, select_names
 
+MODEL = True  # calibration runs its inputs through the module
+
 
 def build(
     module: Any,

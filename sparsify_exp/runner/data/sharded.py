@@ -27,6 +27,7 @@ from sparsify_exp.runner.data.file import list_names
 
 #: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
 EMBEDDING_TABLES = False
+MODEL = False  # no nn.Module to run calibration inputs through
 
 SHARDED_TARGETS = {
     "sparsify_exp.ShardedDataNormSparsifier",

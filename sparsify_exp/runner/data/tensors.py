@@ -18,6 +18,7 @@ DTYPES = {
 
 #: Whether this source gives nn.Embedding / nn.EmbeddingBag tables (output.quantize).
 EMBEDDING_TABLES = False
+MODEL = False  # no nn.Module to run calibration inputs through
 
 
 def _positive(shape: list[int]) -> list[int]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from sparsify_exp.runner.examples.cache import load_or_train
 
-__all__ = ["DLRM", "auc", "load_data", "make_data", "roc_auc"]
+__all__ = ["DLRM", "auc", "calibration_batches", "load_data", "make_data", "roc_auc"]
 
 _CACHE_VERSION = 1
 
@@ -102,6 +102,20 @@ def make_data(
 def load_data() -> tuple[Batch, Batch]:
     """``(train, test)`` of the shipped synthetic click log (test drawn with another seed)."""
     return make_data(N_TRAIN, seed=DATA_SEED), make_data(N_TEST, seed=DATA_SEED + 1)
+
+
+def calibration_batches(
+    batches: int = 20, batch_size: int = 512
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """``(dense, ids)`` inputs of :class:`DLRM` for ``calibration=batches``: the first
+    ``batches * batch_size`` samples of the training split (traffic the model has served;
+    the held-out split scored by :func:`auc` stays unseen)."""
+    (dense, ids, _), _ = load_data()
+    out = []
+    for start in range(0, min(batches * batch_size, dense.shape[0]), batch_size):
+        stop = start + batch_size
+        out.append((dense[start:stop], tuple(i[start:stop] for i in ids)))
+    return out
 
 
 def _mlp(sizes: list[int], last_relu: bool) -> nn.Sequential:
