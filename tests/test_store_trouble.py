@@ -90,7 +90,9 @@ def test_a_store_that_refuses_writes_is_said_once_without_sql_tracebacks(store, 
     import signal
     import sqlite3
 
-    proc = started_cli([*LONG, "mlflow.flush_timeout_s=120"], store.dir)
+    # still stepping when the lock goes and the SIGTERM comes: ten million steps
+    longer = [a.replace("steps=100000", "steps=10000000") for a in LONG]
+    proc = started_cli([*longer, "mlflow.flush_timeout_s=120"], store.dir)
     try:
         _wait_for_run(store, proc)
         blocker = sqlite3.connect(store.dir / "mlflow.db", isolation_level=None, timeout=60)
@@ -109,4 +111,4 @@ def test_a_store_that_refuses_writes_is_said_once_without_sql_tracebacks(store, 
     away = [line for line in err.splitlines() if "unreachable" in line]
     assert len(away) == 1, err[-3000:]
     (run,) = store.runs()
-    assert run.info.status == "KILLED"  # its end went through once the lock was gone
+    assert run.info.status == "KILLED", err[-4000:]  # its end went through once the lock was gone
