@@ -15,13 +15,18 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m sparsify_exp sparsifier=first_row data=embeddings
 
+# The tests write bytecode caches even where PYTHONDONTWRITEBYTECODE is set (as in many
+# container images): each xdist worker otherwise recompiles and assertion-rewrites every test
+# module, about 4 CPU-s per worker per run.
+TEST_ENV := env -u PYTHONDONTWRITEBYTECODE
+
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n 4
+	$(TEST_ENV) $(PY) -m pytest -q -n 4
 
 test-slow: setup
-	$(PY) -m pytest -q -n 2 -m slow
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m slow
 
 bench: setup
 	$(PY) scripts/bench_data_sparsifier.py

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import warm_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,34 +65,24 @@ def store(tmp_path, migrated_db, monkeypatch) -> Store:
     return Store(tmp_path, uri)
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300):
-    """``python -m sparsify_exp *args`` in ``cwd``; returns the CompletedProcess."""
+def cli_env(env: dict | None = None) -> dict[str, str]:
+    """This process's environment without the runner's own variables, plus ``env``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
     full_env.pop("HYDRA_FULL_ERROR", None)
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "sparsify_exp", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return full_env
 
 
-def start_cli(args: list[str], cwd: Path, **popen: object) -> subprocess.Popen:
-    """``python -m sparsify_exp *args`` started in ``cwd`` (for signals, kills, polling)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "sparsify_exp", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300):
+    """``python -m sparsify_exp *args`` in ``cwd``; returns the CompletedProcess. The process
+    is forked from a warm interpreter (tests/warm_cli.py explains why and when not)."""
+    return warm_cli.run("sparsify_exp", args, cwd, cli_env(env), timeout=timeout)
+
+
+def start_cli(args: list[str], cwd: Path, start_new_session: bool = False):
+    """``python -m sparsify_exp *args`` started in ``cwd`` (for signals, kills, polling);
+    a :class:`subprocess.Popen` or its warm equivalent."""
+    return warm_cli.start("sparsify_exp", args, cwd, cli_env(), start_new_session=start_new_session)
 
 
 @pytest.fixture

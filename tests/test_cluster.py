@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_cli
 from services import RAY_LOOPBACK_ENV, free_port, ray_head, tracking_server
 
 from sparsify_exp.runner.tracking.store import find_sweep_runs, find_sweeps
@@ -41,14 +42,7 @@ def sweep_env(tracking_uri: str, **extra: str) -> dict[str, str]:
 
 
 def run_sweep(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 480):
-    return subprocess.run(
-        [sys.executable, "-m", "sparsify_exp", "-m", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return warm_cli.run("sparsify_exp", ["-m", *args], cwd, env, timeout=timeout)
 
 
 def check_sweep(
@@ -217,15 +211,7 @@ def test_launcher_configs_compose_and_build(name):
 
 def _cli_without(module: str, args: list[str], cwd: Path, env: dict[str, str]):
     """``python -m sparsify_exp *args`` in a Python where ``module`` cannot be imported."""
-    code = (
-        "import runpy, sys; "
-        f"sys.modules[{module!r}] = None; "
-        f"sys.argv = ['sparsify_exp', *{args!r}]; "
-        "runpy.run_module('sparsify_exp', run_name='__main__')"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    return warm_cli.run("sparsify_exp", args, cwd, env, timeout=120, blocked=[module])
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,14 @@ import sys
 import warnings
 
 import pytest
+import torch
+import torch.ao.pruning._experimental.data_sparsifier as torch_sparsifier
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
 
-L = pytest.importorskip("lightning")
-
-import torch  # noqa: E402
-import torch.ao.pruning._experimental.data_sparsifier as torch_sparsifier  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-from torch.nn.utils import parametrize  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from sparsify_exp import (  # noqa: E402
+from sparsify_exp import (
     BaseDataSparsifier,
     ConfigValueError,
     ConstantScheduler,
@@ -25,11 +22,6 @@ from sparsify_exp import (  # noqa: E402
     DataNormSparsifier,
     FirstRowSparsifier,
     LinearScheduler,
-)
-from sparsify_exp.lightning import (  # noqa: E402
-    PostTrainingDataSparsity,
-    TrainingAwareDataSparsity,
-    sparsifiable_parameters,
 )
 
 pytestmark = [
@@ -39,76 +31,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*isinstance.*LeafSpec.*is deprecated:FutureWarning"),
 ]
 
-# the selected weights of Net, by dotted name, and their (1, 4) block counts
-WEIGHTS = {"emb.weight": 200, "head.0.weight": 128, "head.2.0.weight": 32}
 
+@pytest.fixture(scope="module")
+def pl():
+    """tests/lightning_parts.py, imported on first use (skipped without Lightning)."""
+    pytest.importorskip("lightning")
+    import lightning_parts
 
-class Net(nn.Module):
-    """An embedding bag and a nested Sequential: names like ``head.2.0.weight``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.EmbeddingBag(50, 16, mode="mean")
-        self.head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 4)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.emb(x))
-
-
-class Classifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = Net()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(1)
-        x = torch.randint(0, 50, (32, 5), generator=g)
-        return DataLoader(TensorDataset(x, x[:, 0] % 4), batch_size=16)
-
-
-class Recorder(L.Callback):
-    """Placed after the callback under test: what it left after each epoch and at the end."""
-
-    def __init__(self, callback) -> None:
-        self.callback = callback
-        self.zeros: list[dict[str, float]] = []  # per epoch: fraction of zeros in .sparsified
-        self.logged: list[float] = []  # per epoch: sparsity/overall as the trainer has it
-        self.trained: dict[str, torch.Tensor] = {}
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if not isinstance(self.callback, TrainingAwareDataSparsity):
-            return
-        params = dict(self.callback.sparsified.named_parameters())
-        self.zeros.append({n: (params[n] == 0).float().mean().item() for n in WEIGHTS})
-        self.logged.append(float(trainer.callback_metrics["sparsity/overall"]))
-
-    def on_train_end(self, trainer, pl_module):  # before on_fit_end
-        self.trained = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
-
-
-def fit(tmp_path, module, callbacks, max_epochs: int = 3, logger=False, **fit_kwargs):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        log_every_n_steps=1,
-    )
-    trainer.fit(module, **fit_kwargs)
-    return trainer
+    return lightning_parts
 
 
 def cubic_levels(epochs: int, initial: float = 0.25, target: float = 0.75, steps: int = 2):
@@ -129,16 +59,16 @@ def test_import_sparsify_exp_does_not_load_lightning():
 
 
 @pytest.mark.parametrize("sparsifier", ["data_norm", "first_row"])
-def test_post_training_sparsifies_a_copy_and_leaves_the_module(tmp_path, sparsifier):
+def test_post_training_sparsifies_a_copy_and_leaves_the_module(tmp_path, sparsifier, pl):
     if sparsifier == "data_norm":
         cls, args = DataNormSparsifier, {"sparsity_level": 0.5, "sparse_block_shape": (1, 4)}
     else:
         cls, args = FirstRowSparsifier, {}
-    callback = PostTrainingDataSparsity(cls, args)
-    recorder = Recorder(callback)
-    module = Classifier()
+    callback = pl.PostTrainingDataSparsity(cls, args)
+    recorder = pl.Recorder(callback)
+    module = pl.Classifier()
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
-    fit(tmp_path, module, [recorder, callback], max_epochs=2)
+    pl.fit(tmp_path, module, [recorder, callback], max_epochs=2)
 
     trained = module.model.state_dict()
     assert not torch.equal(trained["head.0.weight"], initial["head.0.weight"])  # it trained
@@ -147,7 +77,7 @@ def test_post_training_sparsifies_a_copy_and_leaves_the_module(tmp_path, sparsif
     sparse = callback.sparsified.state_dict()
     assert set(sparse) == set(trained)
     assert not callback.sparsified.training
-    for name, blocks in WEIGHTS.items():
+    for name, blocks in pl.WEIGHTS.items():
         expected = (
             block_sparsity(0.5, blocks) if cls is DataNormSparsifier else 1 / len(sparse[name])
         )
@@ -158,28 +88,28 @@ def test_post_training_sparsifies_a_copy_and_leaves_the_module(tmp_path, sparsif
         assert torch.equal(sparse[name], trained[name] * mask), name
     for name in ("head.0.bias", "head.2.0.bias"):  # not a weight: left dense
         assert torch.equal(sparse[name], trained[name])
-    assert set(callback.data_sparsifier.data_groups) == set(WEIGHTS)
-    numel = {n: trained[n].numel() for n in WEIGHTS}
-    overall = sum(callback.sparsity[f"sparsity/{n}"] * numel[n] for n in WEIGHTS)
+    assert set(callback.data_sparsifier.data_groups) == set(pl.WEIGHTS)
+    numel = {n: trained[n].numel() for n in pl.WEIGHTS}
+    overall = sum(callback.sparsity[f"sparsity/{n}"] * numel[n] for n in pl.WEIGHTS)
     assert callback.sparsity["sparsity/overall"] == pytest.approx(overall / sum(numel.values()))
 
 
-def test_training_aware_follows_the_scheduler(tmp_path):
+def test_training_aware_follows_the_scheduler(tmp_path, pl):
     """DataNormSparsifier + CubicScheduler: each epoch's copy has that epoch's level."""
-    callback = TrainingAwareDataSparsity(
+    callback = pl.TrainingAwareDataSparsity(
         DataNormSparsifier,
         {"sparsity_level": 0.75, "sparse_block_shape": (1, 4)},
         CubicScheduler,
         {"initial_value": 0.25, "total_steps": 2},
     )
-    recorder = Recorder(callback)
-    module = Classifier()
-    fit(tmp_path, module, [callback, recorder], max_epochs=3)
+    recorder = pl.Recorder(callback)
+    module = pl.Classifier()
+    pl.fit(tmp_path, module, [callback, recorder], max_epochs=3)
 
     levels = cubic_levels(3)  # 0.25, 0.6875, 0.75
     assert len(recorder.zeros) == 3
     for epoch, level in enumerate(levels):
-        for name, blocks in WEIGHTS.items():
+        for name, blocks in pl.WEIGHTS.items():
             assert recorder.zeros[epoch][name] == pytest.approx(block_sparsity(level, blocks)), (
                 epoch,
                 name,
@@ -189,7 +119,7 @@ def test_training_aware_follows_the_scheduler(tmp_path):
     # the scheduler has moved on to the level of the epoch after the last
     assert callback.data_sparsifier.data_groups["head.0.weight"]["sparsity_level"] == 0.75
     # the trained module itself is dense: only the copies are sparsified
-    for name in WEIGHTS:
+    for name in pl.WEIGHTS:
         assert (module.model.get_parameter(name) == 0).sum() == 0, name
 
 
@@ -203,19 +133,19 @@ class GrowingRows(BaseDataSparsifier):
             mask[kept[0, 0]] = False
 
 
-def test_training_aware_reuses_the_previous_masks(tmp_path):
-    callback = TrainingAwareDataSparsity(GrowingRows, {}, ConstantScheduler, {"target": 0.0})
-    recorder = Recorder(callback)
-    fit(tmp_path, Classifier(), [callback, recorder], max_epochs=3)
+def test_training_aware_reuses_the_previous_masks(tmp_path, pl):
+    callback = pl.TrainingAwareDataSparsity(GrowingRows, {}, ConstantScheduler, {"target": 0.0})
+    recorder = pl.Recorder(callback)
+    pl.fit(tmp_path, pl.Classifier(), [callback, recorder], max_epochs=3)
     for epoch in range(3):
         weight = "head.0.weight"  # 32 rows
         assert recorder.zeros[epoch][weight] == pytest.approx((epoch + 1) / 32), epoch
 
 
-def test_module_without_model_and_every_parameter(tmp_path):
+def test_module_without_model_and_every_parameter(tmp_path, pl):
     """No ``.model``: the LightningModule itself is copied; ``module_types=None``: biases too."""
 
-    class Bare(L.LightningModule):
+    class Bare(pl.L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
@@ -231,9 +161,9 @@ def test_module_without_model_and_every_parameter(tmp_path):
         def train_dataloader(self):
             return DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 2)), batch_size=4)
 
-    callback = PostTrainingDataSparsity(FirstRowSparsifier, {}, module_types=None)
+    callback = pl.PostTrainingDataSparsity(FirstRowSparsifier, {}, module_types=None)
     module = Bare()
-    fit(tmp_path, module, [callback], max_epochs=2)
+    pl.fit(tmp_path, module, [callback], max_epochs=2)
     names = [n for n, _ in module.named_parameters()]
     assert names == ["layers.0.weight", "layers.0.bias", "layers.1.0.weight", "layers.1.0.bias"]
     assert list(callback.data_sparsifier.data_groups) == names
@@ -243,7 +173,7 @@ def test_module_without_model_and_every_parameter(tmp_path):
         assert (module.get_parameter(name)[0] != 0).all(), name
 
 
-def test_sparsifiable_parameters_tied_parametrized_and_dotted():
+def test_sparsifiable_parameters_tied_parametrized_and_dotted(pl):
     class Scale(nn.Module):
         def forward(self, x):
             return 2 * x
@@ -259,29 +189,29 @@ def test_sparsifiable_parameters_tied_parametrized_and_dotted():
             parametrize.register_parametrization(self.scaled, "weight", Scale())
 
     model = Tied()
-    assert list(sparsifiable_parameters(model)) == ["emb.weight", "blocks.0.0.weight"]
-    assert sparsifiable_parameters(model)["emb.weight"] is model.emb.weight
-    everything = sparsifiable_parameters(model, module_types=None)
+    assert list(pl.sparsifiable_parameters(model)) == ["emb.weight", "blocks.0.0.weight"]
+    assert pl.sparsifiable_parameters(model)["emb.weight"] is model.emb.weight
+    everything = pl.sparsifiable_parameters(model, module_types=None)
     assert "blocks.0.1.weight" in everything and "blocks.0.0.bias" in everything
     assert "out.weight" not in everything  # the tied weight, once
     assert "scaled.parametrizations.weight.original" in everything
-    assert list(sparsifiable_parameters(model, (nn.LayerNorm,))) == ["blocks.0.1.weight"]
+    assert list(pl.sparsifiable_parameters(model, (nn.LayerNorm,))) == ["blocks.0.1.weight"]
 
 
-def test_mlflow_logger_gets_the_sparsity(tmp_path, store):
+def test_mlflow_logger_gets_the_sparsity(tmp_path, store, pl):
     from lightning.pytorch.loggers import MLFlowLogger
 
     logger = MLFlowLogger(experiment_name="lightning", tracking_uri=store.uri)
-    aware = TrainingAwareDataSparsity(
+    aware = pl.TrainingAwareDataSparsity(
         DataNormSparsifier,
         {"sparse_block_shape": (1, 4)},
         LinearScheduler,
         {"initial_value": 0.0, "target": 0.5, "total_steps": 2},
     )
-    post = PostTrainingDataSparsity(
+    post = pl.PostTrainingDataSparsity(
         DataNormSparsifier, {"sparsity_level": 0.5}, log_prefix="post_training"
     )
-    fit(tmp_path, Classifier(), [aware, post], max_epochs=3, logger=logger)
+    pl.fit(tmp_path, pl.Classifier(), [aware, post], max_epochs=3, logger=logger)
 
     client = store.client
     (run,) = client.search_runs([client.get_experiment_by_name("lightning").experiment_id])
@@ -298,68 +228,72 @@ def test_mlflow_logger_gets_the_sparsity(tmp_path, store):
     assert metrics["post_training/overall"] == pytest.approx(post.sparsity["post_training/overall"])
     assert {k for k in metrics if k.startswith("post_training/")} == {
         "post_training/overall",
-        *(f"post_training/{n}" for n in WEIGHTS),
+        *(f"post_training/{n}" for n in pl.WEIGHTS),
     }
 
 
-def test_resumed_training_continues_the_schedule(tmp_path):
+def test_resumed_training_continues_the_schedule(tmp_path, pl):
     def callback():
-        return TrainingAwareDataSparsity(
+        return pl.TrainingAwareDataSparsity(
             DataNormSparsifier,
             {"sparsity_level": 0.75},
             CubicScheduler,
             {"initial_value": 0.25, "total_steps": 2},
         )
 
-    module = Classifier()
-    trainer = fit(tmp_path, module, [callback()], max_epochs=2)
+    module = pl.Classifier()
+    trainer = pl.fit(tmp_path, module, [callback()], max_epochs=2)
     ckpt = tmp_path / "epoch2.ckpt"
     trainer.save_checkpoint(ckpt)
 
     resumed = callback()
-    recorder = Recorder(resumed)
-    fit(tmp_path, Classifier(), [resumed, recorder], max_epochs=3, ckpt_path=str(ckpt))
+    recorder = pl.Recorder(resumed)
+    pl.fit(tmp_path, pl.Classifier(), [resumed, recorder], max_epochs=3, ckpt_path=str(ckpt))
     assert len(recorder.zeros) == 1  # only epoch 2 ran, at epoch 2's level, not epoch 0's
-    expected = block_sparsity(cubic_levels(3)[2], WEIGHTS["head.0.weight"])
+    expected = block_sparsity(cubic_levels(3)[2], pl.WEIGHTS["head.0.weight"])
     assert recorder.zeros[0]["head.0.weight"] == pytest.approx(expected)
 
 
-def test_bad_arguments_fail_at_once():
+def test_bad_arguments_fail_at_once(pl):
     with pytest.raises(TypeError, match="must be a class"):
-        PostTrainingDataSparsity(DataNormSparsifier(), {})
+        pl.PostTrainingDataSparsity(DataNormSparsifier(), {})
     with pytest.raises(TypeError, match="import them from sparsify_exp"):
-        PostTrainingDataSparsity(torch_sparsifier.DataNormSparsifier, {})
+        pl.PostTrainingDataSparsity(torch_sparsifier.DataNormSparsifier, {})
     with pytest.raises(TypeError, match="data_scheduler_class"):
-        TrainingAwareDataSparsity(DataNormSparsifier, {}, DataNormSparsifier, {})
+        pl.TrainingAwareDataSparsity(DataNormSparsifier, {}, DataNormSparsifier, {})
     with pytest.raises(ValueError, match="data_sparsifier"):
-        TrainingAwareDataSparsity(DataNormSparsifier, {}, CubicScheduler, {"data_sparsifier": None})
+        pl.TrainingAwareDataSparsity(
+            DataNormSparsifier, {}, CubicScheduler, {"data_sparsifier": None}
+        )
 
 
 @pytest.mark.parametrize(
     ("callback", "error"),
     [
         (
-            lambda: PostTrainingDataSparsity(DataNormSparsifier, {"sparsity_level": 2}),
+            lambda pl: pl.PostTrainingDataSparsity(DataNormSparsifier, {"sparsity_level": 2}),
             ConfigValueError,
         ),
         (
-            lambda: PostTrainingDataSparsity(FirstRowSparsifier, {}, module_types=(nn.Conv2d,)),
+            lambda pl: pl.PostTrainingDataSparsity(
+                FirstRowSparsifier, {}, module_types=(nn.Conv2d,)
+            ),
             ValueError,
         ),
     ],
     ids=["bad_level", "nothing_to_sparsify"],
 )
-def test_post_training_problems_fail_before_training(tmp_path, callback, error):
-    module = Classifier()
+def test_post_training_problems_fail_before_training(tmp_path, callback, error, pl):
+    module = pl.Classifier()
     initial = module.model.head[0].weight.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(error):
-            fit(tmp_path, module, [callback()], max_epochs=2)
+            pl.fit(tmp_path, module, [callback(pl)], max_epochs=2)
     assert torch.equal(module.model.head[0].weight, initial)  # no step was taken
 
 
-def test_constructors_take_torchs_arguments_in_torchs_order():
+def test_constructors_take_torchs_arguments_in_torchs_order(pl):
     pytest.importorskip("pytorch_lightning")  # torch's callbacks import it
     import inspect
 
@@ -369,7 +303,7 @@ def test_constructors_take_torchs_arguments_in_torchs_order():
 
     for name in ("PostTrainingDataSparsity", "TrainingAwareDataSparsity"):
         ref = list(inspect.signature(getattr(reference, name).__init__).parameters)
-        ours = inspect.signature(globals()[name].__init__).parameters
+        ours = inspect.signature(getattr(pl, name).__init__).parameters
         assert list(ours)[: len(ref)] == ref, name
         extra = [p for n, p in ours.items() if n not in ref]
         assert extra and all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in extra)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_cli
 from mlflow.tracking import MlflowClient
 
 SMALL = ["sparsifier=first_row", "data=embeddings", "eval=[]", "mlflow.mask_images=0"]
@@ -21,14 +21,7 @@ def _env(uri: str) -> dict[str, str]:
 
 
 def _start(args: list[str], cwd: Path, uri: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sparsify_exp", *args],
-        cwd=cwd,
-        env=_env(uri),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return warm_cli.start("sparsify_exp", args, cwd, _env(uri))
 
 
 def _runs(uri: str) -> list:

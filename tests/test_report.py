@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
 import mlflow
 import pandas as pd
 import pytest
+import warm_cli
 
 from sparsify_exp.runner.sweep import report as rep
 
@@ -229,21 +228,10 @@ def test_cli_rebuilds_report_from_store(sweep, tmp_path, capsys):
     client, parent_id, expected = sweep
     uri = client.tracking_uri
     out = tmp_path / "cli"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparsify_exp.report",
-            "--experiment",
-            "sweep",
-            "--tracking-uri",
-            uri,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = warm_cli.run(
+        "sparsify_exp.report",
+        ["--experiment", "sweep", "--tracking-uri", uri, "--out", str(out)],
+        tmp_path,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

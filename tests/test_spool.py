@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import warm_cli
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -62,13 +63,7 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
 
 def _sync(path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
-    return subprocess.run(
-        [sys.executable, "-m", "sparsify_exp.sync", str(path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    return warm_cli.run("sparsify_exp.sync", [str(path), *args], os.getcwd(), env, timeout=120)
 
 
 def _log_some(tracker, tmp: Path, steps: int = 20) -> dict[str, list[float]]:
@@ -412,11 +407,9 @@ def test_killed_run_is_marked_failed_at_the_next_start(store, cli, caplog):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSIFY_EXP_")}
     env.pop("HYDRA_FULL_ERROR", None)
     killed_dir = store.dir / "killed"
-    proc = subprocess.Popen(
+    proc = warm_cli.start(
+        "sparsify_exp",
         [
-            sys.executable,
-            "-m",
-            "sparsify_exp",
             "data=tensors",
             "schedule=constant",
             "schedule.steps=10000000",
@@ -425,10 +418,8 @@ def test_killed_run_is_marked_failed_at_the_next_start(store, cli, caplog):
             "output.progress=none",
             f"hydra.run.dir={killed_dir}",
         ],
-        cwd=store.dir,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        store.dir,
+        env,
     )
     try:
         deadline = time.monotonic() + 60
@@ -438,7 +429,7 @@ def test_killed_run_is_marked_failed_at_the_next_start(store, cli, caplog):
             if runs:
                 beats.add(client.get_run(runs[0].info.run_id).data.tags[heartbeat.HEARTBEAT_TAG])
             time.sleep(0.2)
-        assert len(beats) >= 3, proc.stderr.read() if proc.poll() is not None else beats
+        assert len(beats) >= 3, proc.communicate()[1] if proc.poll() is not None else beats
         proc.kill()  # SIGKILL: no handler, no finally
         proc.wait(timeout=30)
     finally:
