@@ -90,9 +90,10 @@ def test_a_store_that_refuses_writes_is_said_once_without_sql_tracebacks(store, 
     import signal
     import sqlite3
 
-    # still stepping when the lock goes and the SIGTERM comes: ten million steps
+    # still stepping when the lock goes and the SIGTERM comes: ten million steps, metrics of
+    # every thousandth (every step's would leave the end a long upload of what the lock held)
     longer = [a.replace("steps=100000", "steps=10000000") for a in LONG]
-    proc = started_cli([*longer, "mlflow.flush_timeout_s=120"], store.dir)
+    proc = started_cli([*longer, "mlflow.flush_timeout_s=120", "mlflow.log_every=1000"], store.dir)
     try:
         _wait_for_run(store, proc)
         blocker = sqlite3.connect(store.dir / "mlflow.db", isolation_level=None, timeout=60)

@@ -3,7 +3,7 @@
 A cold ``python -m sparsify_exp`` spends about 3.3 CPU-s importing torch, MLflow and Hydra
 before it reads its first argument. The suite starts some seventy of them, and on a 2-core
 machine those imports were nearly half of ``make test``'s CPU time (``scripts/time_tests.sh``).
-So each xdist worker keeps one server process that has imported the runner once, and every
+So the test session keeps one server process that has imported the runner once, and every
 CLI run a test asks for is a fresh ``fork()`` of it that then becomes the requested process:
 its own pid, session (when asked), working directory, environment, argv, ``sys.path[0]`` (the
 working directory, as ``-m`` sets it) and stdio pipes, running the module as ``__main__`` and
@@ -24,11 +24,13 @@ is set up; a waiter process (the CLI's parent) sends ``{"returncode": ...}`` whe
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import locale
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,13 +48,15 @@ from pathlib import Path
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "TORCH_")
 COLD_START_FLAG = "SPARSIFY_EXP_TEST_COLD_START"
 #: What the server imports once: the runner, and what many runs import on first use (MLflow's
-#: SQL store, matplotlib for mask images, the ``torch._dynamo`` that torch's optimizers import,
-#: scikit-learn's datasets for the digits examples): about 2.7 CPU-s a run would repeat.
+#: SQL store, matplotlib for mask images, plotly for a sweep's charts, the ``torch._dynamo``
+#: that torch's optimizers import, scikit-learn's datasets for the digits examples): about
+#: 3 CPU-s a run would repeat.
 PRELOAD = (
     "sparsify_exp.runner.cli",
     "mlflow.store.tracking.sqlalchemy_store",
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",
+    "plotly.subplots",
     "torch._dynamo",
     "sklearn.datasets",
     "sklearn.model_selection",
@@ -150,22 +154,45 @@ def _text(data: bytes) -> str:
 
 
 class WarmServer:
-    """One warm interpreter per test process, started on first use."""
+    """The warm interpreter of this test session, started on first use. Under xdist the workers
+    share one (the first to need it starts it, under a file lock): it lives until the session's
+    controller process ends. Without xdist it lives as long as this process."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="warm_cli_")
-        self.path = os.path.join(self._dir, "sock")
-        self.env = dict(os.environ)
-        self._proc = subprocess.Popen(
-            [sys.executable, __file__, self.path],
-            stdin=subprocess.PIPE,
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+        owner = os.getppid() if run else os.getpid()
+        folder = Path(tempfile.gettempdir()) / f"warm_cli_{run or os.getpid()}"
+        folder.mkdir(exist_ok=True)
+        self.path = str(folder / "sock")
+        with open(folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._answers():
+                self._start(folder, owner)
+            self.env: dict[str, str] = json.loads((folder / "env.json").read_text())
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(self.path)
+            except OSError:
+                return False
+        return True
+
+    def _start(self, folder: Path, owner: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, self.path, str(owner)],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            env=self.env,
-            cwd=self._dir,
+            cwd=folder,
+            start_new_session=True,
         )
-        ready = self._proc.stdout.readline()
+        ready = proc.stdout.readline()
+        proc.stdout.close()
         if ready.strip() != b"ready":
             raise RuntimeError(f"the warm CLI server did not start (said {ready!r})")
+        (folder / "env.json").write_text(json.dumps(dict(os.environ)))
 
     def fits(self, env: dict[str, str]) -> bool:
         """Whether a run with ``env`` may be forked: nothing read at start-up differs."""
@@ -271,9 +298,9 @@ def run(
 # --------------------------------------------------------------------------- server side
 
 
-def _serve(path: str) -> tuple[dict, list[int], socket.socket]:
-    """Accepts runs until stdin closes; returns only in a forked CLI process, with its request,
-    stdio fds and connection."""
+def _serve(path: str, owner: int) -> tuple[dict, list[int], socket.socket]:
+    """Accepts runs until the ``owner`` process ends; returns only in a forked CLI process, with
+    its request, stdio fds and connection."""
     import gc
     import importlib
 
@@ -290,19 +317,28 @@ def _serve(path: str) -> tuple[dict, list[int], socket.socket]:
     server.bind(path)
     server.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the waiters
+    owner_fd = os.pidfd_open(owner)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     with selectors.DefaultSelector() as sel:
         sel.register(server, selectors.EVENT_READ)
-        sel.register(sys.stdin, selectors.EVENT_READ)
+        sel.register(owner_fd, selectors.EVENT_READ)
         while True:
             for key, _ in sel.select():
-                if key.fileobj is sys.stdin:
-                    os._exit(0)  # the test process is gone
+                if key.fileobj == owner_fd:  # the test session is over
+                    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                    os._exit(0)
                 conn, _ = server.accept()
                 msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 2)
+                if not msg:  # a probe: is the server there?
+                    conn.close()
+                    continue
                 if os.fork() == 0:
                     server.close()
+                    os.close(owner_fd)
                     return _wait_for_run(json.loads(msg), fds, conn)
                 for fd in fds:
                     os.close(fd)
@@ -353,7 +389,7 @@ def _become(request: dict, fds: list[int], conn: socket.socket) -> None:
 if __name__ == "__main__":
     import runpy
 
-    _request, _fds, _conn = _serve(sys.argv[1])
+    _request, _fds, _conn = _serve(sys.argv[1], int(sys.argv[2]))
     _become(_request, _fds, _conn)
     del _request, _fds, _conn
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
