@@ -43,7 +43,7 @@ def test_a_second_resume_of_a_run_being_resumed_is_one_line_naming_the_first(
         _, err = second.communicate(timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)
-    assert second.returncode == 2
+    assert second.returncode == 2, err[-3000:]
     lines = [line for line in err.splitlines() if "is in use" in line]
     assert len(lines) == 1 and "Traceback" not in err and "FileExistsError" not in err
     assert f"resuming in process {first.pid} on " in lines[0]

@@ -67,15 +67,15 @@ def problems(target: str, uri: str, overrides: list[str], composed: Mapping) -> 
         found = locate(target, uri)
     except ValueError as e:
         return [f"{key}: {e}"]
-    status = tr.open_client(found.uri).get_run(found.run_id).info.status
-    if status == "FINISHED":
-        return [f"{key}: run {found.run_id} FINISHED; there is nothing to resume"]
-    busy = job_folder_busy(found.job_dir)
+    busy = job_folder_busy(found.job_dir)  # first: the holder may be writing to the store
     if busy:
         return [
             f"{key}: job folder {found.job_dir} is in use ({busy}); wait for that process "
             "to end or stop it"
         ]
+    status = tr.open_client(found.uri).get_run(found.run_id).info.status
+    if status == "FINISHED":
+        return [f"{key}: run {found.run_id} FINISHED; there is nothing to resume"]
     if checkpoint.load(found.job_dir) is None:
         return [
             f"{key}: no checkpoint in {found.job_dir} (runs write one every checkpoint.every steps)"
