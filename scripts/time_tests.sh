@@ -12,12 +12,13 @@ LOAD=${LOAD:-1}
 make setup >/dev/null
 
 one_run() {
-  local start end
+  local start end took
   start=$(date +%s.%N)
   make test >/tmp/time_tests.last.log 2>&1 || { tail -30 /tmp/time_tests.last.log >&2; exit 1; }
   end=$(date +%s.%N)
-  python3 -c "print(round($end - $start, 1))"
-  echo "make test: $(python3 -c "print(round($end - $start, 1))") s" >&2  # as it goes
+  took=$(python3 -c "print(round($end - $start, 1))")
+  echo "make test: $took s" >&2  # as it goes
+  echo "$took"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }

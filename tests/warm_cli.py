@@ -258,12 +258,11 @@ def start(
             return server.start(
                 module, args, cwd, env, start_new_session=start_new_session, blocked=blocked
             )
-    code = "import runpy, sys; " + "".join(f"sys.modules[{m!r}] = None; " for m in blocked)
-    code += f"sys.argv[0] = {module!r}; runpy.run_module({module!r}, run_name='__main__', "
-    code += "alter_sys=True)"
-    argv = [sys.executable, "-m", module, *args] if not blocked else [sys.executable, "-c", code]
-    if blocked:
-        argv += list(args)
+    argv = [sys.executable, "-m", module, *args]
+    if blocked:  # as -m would run it, after the blocked modules are made unimportable
+        code = "import runpy, sys; " + "".join(f"sys.modules[{m!r}] = None; " for m in blocked)
+        code += f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+        argv = [sys.executable, "-c", code, *args]
     return subprocess.Popen(
         argv,
         cwd=cwd,
