@@ -61,6 +61,14 @@ PRELOAD = (
     "sklearn.datasets",
     "sklearn.model_selection",
 )
+#: Start-up variables a preloaded library sets in ``os.environ`` when imported (scikit-learn's
+#: ``KMP_*``, for Intel's OpenMP). Every test process sets them first, to the library's values:
+#: otherwise a worker that has imported the library would differ from the server's recorded
+#: environment, and its runs would start cold. The server refuses to start if an import sets
+#: anything else.
+SET_BY_IMPORTS = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE"}
+for _name, _value in SET_BY_IMPORTS.items():
+    os.environ.setdefault(_name, _value)
 _MAX_REQUEST = 1 << 20
 
 
@@ -303,8 +311,13 @@ def _serve(path: str, owner: int) -> tuple[dict, list[int], socket.socket]:
     import gc
     import importlib
 
+    environ_before = {k: v for k, v in os.environ.items() if k.startswith(STARTUP_PREFIXES)}
     for name in PRELOAD:
         importlib.import_module(name)
+    environ_after = {k: v for k, v in os.environ.items() if k.startswith(STARTUP_PREFIXES)}
+    if environ_after != environ_before:  # a test process that imported it would differ
+        changed = sorted(set(environ_after.items()) ^ set(environ_before.items()))
+        raise RuntimeError(f"a preloaded module changed start-up variables: {changed}")
     if threading.active_count() != 1:  # a fork copies only the calling thread
         raise RuntimeError(f"a preloaded module started a thread: {threading.enumerate()}")
     # What the imports made stays out of the forked processes' garbage collections: a collection
