@@ -3,10 +3,10 @@
 ``cases``: every rank builds the same tables, keeps its rows, steps the sharded sparsifier
 and compares its mask with its rows of the single-process sparsifier's mask of the whole
 table. ``bad``: layouts that do not make one table must raise ``ShardError`` on every rank
-and leave the data and the sparsifier as they were. ``missing-init`` / ``missing-step``: rank
-1 never joins. ``cuda``: one rank on nccl holds each whole table in GPU memory and its mask
-must equal the single-process mask on the CPU. Each rank writes one JSON line a result to
-``<out_dir>/rank<r>.jsonl``.
+and leave the data and the sparsifier as they were; last, rank 1 stops taking part and rank
+0's next step must end in one line. ``missing-init``: rank 1 never joins. ``cuda``: one rank
+on nccl holds each whole table in GPU memory and its mask must equal the single-process mask
+on the CPU. Each rank writes one JSON line a result to ``<out_dir>/rank<r>.jsonl``.
 """
 
 from __future__ import annotations
@@ -337,18 +337,19 @@ def main(mode: str, out_dir: str) -> int:
             emit(mode, case, rank, run_bad(case, rank))
         emit(mode, "levels_differ_at_step", rank, run_levels_differ(rank))
         emit(mode, "in_step_after_errors", rank, run_case("data_norm_l1_even", rank))
-    elif mode == "missing-step":
+        # Last, as the group is of no use after it: a rank that is alive but never steps.
         sp = ShardedMagnitudeSparsifier(timeout_s=TIMEOUT_S)
         sp.add_data("t", torch.ones(4, 3))
         if rank == 1:
-            time.sleep(3 * TIMEOUT_S)  # alive, but never steps
+            time.sleep(3 * TIMEOUT_S)
             return 0
         try:
             sp.step()
         except ShardError as error:
-            emit(mode, "step", rank, {"ok": True, "message": str(error)})
-            return 3
-        emit(mode, "step", rank, {"ok": False, "message": "stepped alone"})
+            emit(mode, "never_steps", rank, {"ok": True, "message": str(error)})
+            return 0
+        emit(mode, "never_steps", rank, {"ok": False, "message": "stepped alone"})
+        return 3
     dist.destroy_process_group()
     return 0
 

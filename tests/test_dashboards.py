@@ -61,6 +61,7 @@ def sweep(tmp_path_factory, migrated_db):
             "sparsifier.sparsity_level=0.3,0.9",
             "sparsifier.sparse_block_shape=[1,1],[1,4]",
             "mlflow.max_name_metrics=2",
+            "mlflow.mask_images=0",
             "sweep.pick.max={_summary/fidelity_rel_error: 0.6}",
             "sweep.pick.min={}",
             f"mlflow.tracking_uri={uri}",

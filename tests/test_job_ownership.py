@@ -12,6 +12,7 @@ from sparsify_exp.runner import run_overrides
 from sparsify_exp.runner.context import JOB_LOCK
 
 SHORT = ["eval=[]", "checkpoint.every=1", "schedule=linear", "schedule.steps=4"]
+SHORT += ["mlflow.mask_images=0"]
 
 
 def _wait_for(predicate, proc, what: str, timeout: float = 120) -> None:
@@ -53,7 +54,7 @@ def test_a_second_resume_of_a_run_being_resumed_is_one_line_naming_the_first(
 
 
 def test_a_killed_sweeps_parent_is_marked_failed_by_the_next_start(store, started_cli, cli):
-    beat = ["mlflow.heartbeat_s=0.5", "mlflow.heartbeat_stale_s=3"]
+    beat = ["mlflow.heartbeat_s=0.5", "mlflow.heartbeat_stale_s=3", "mlflow.mask_images=0"]
     args = ["-m", *beat, "eval=[]", "schedule.steps=400", "seed=1,2,3"]
     sweep = started_cli([*args, "data.tensors=[{name:w,shape:[64,64]}]"], store.dir)
 
@@ -91,6 +92,7 @@ def test_resume_of_a_memory_mapped_run_restores_its_masks_without_writing_the_ma
     before = source.read_bytes()
     args = ["data=file", f"data.path={source}", "data.mmap=true", "sparsifier=magnitude"]
     args += ["checkpoint.every=1", "schedule=linear", "schedule.steps=4", "eval=[]"]
+    args += ["mlflow.mask_images=0"]
     job = tmp_path / "job"
     run_id = run_overrides(args, output_dir=job)
     final = job / "artifacts" / "masks" / "final.safetensors"

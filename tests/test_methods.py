@@ -88,6 +88,7 @@ def method_sweep(tmp_path_factory, migrated_db):
             "method=magnitude,data_norm_1x4,nm_2_4",
             "sparsifier.sparsity_level=0.5,1.0",
             "output.write_data=false",
+            "mlflow.mask_images=0",
             f"mlflow.tracking_uri={uri}",
         ],
         cwd=folder,

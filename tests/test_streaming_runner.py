@@ -44,6 +44,7 @@ def test_a_memory_mapped_run_gives_the_in_memory_result(store, cli, tmp_path, sp
         f"data.path={source}",
         f"sparsifier={sparsifier}",
         "sparsifier.sparsity_level=0.8",
+        "mlflow.mask_images=0",
     ]
     proc = cli([*common, "data.mmap=true", f"hydra.run.dir={tmp_path / 'mapped'}"], cwd=store.dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -70,7 +71,7 @@ def test_a_memory_mapped_torch_checkpoint_is_written_as_safetensors(store, tmp_p
     nested = {"state_dict": {"enc.weight": torch.randn(400, 32), "step": torch.tensor(3)}}
     torch.save(nested, source)
     digest = _sha(source)
-    common = ["data=file", f"data.path={source}", "sparsifier=magnitude"]
+    common = ["data=file", f"data.path={source}", "sparsifier=magnitude", "mlflow.mask_images=0"]
     run_overrides([*common, "data.mmap=true"], output_dir=tmp_path / "mapped")
     run_overrides([*common, "data.mmap=false"], output_dir=tmp_path / "memory")
     mapped = open_checkpoint(tmp_path / "mapped/artifacts/data/sparsified.safetensors").tensors
