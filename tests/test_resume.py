@@ -76,6 +76,37 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_masks(store, st
     assert all(torch.equal(a[n], b[n]) for n in a)  # bit-identical
 
 
+_ENDED_AT: list[int] = []
+
+
+def train_logs_then_ends_once(ctx, lr: float = 0.0) -> dict[str, float]:
+    """Logs its own metric, then (the first time at step 2) ends the process's work before
+    the step's sparsity is logged, as a kill between the two would."""
+    ctx.log({"seen": float(ctx.step)})
+    if ctx.step == 2 and not _ENDED_AT:
+        _ENDED_AT.append(ctx.step)
+        raise ValueError("ended between train/seen and sparsity/overall")
+    return {"loss": 1.0 / (1 + ctx.step)}
+
+
+def test_a_run_ended_between_two_metrics_of_a_step_logs_each_once_after_resume(store, tmp_path):
+    _ENDED_AT.clear()
+    args = ["train=digits", f"train.fn._target_={__name__}.train_logs_then_ends_once"]
+    args += ["schedule=linear", "schedule.steps=4", "checkpoint.every=1", "eval=[]"]
+    args += ["mlflow.mask_images=0"]
+    with pytest.raises(RuntimeError, match="ended between"):
+        run_overrides(args, output_dir=tmp_path / "job")
+    (run,) = store.runs()
+    run_id = run.info.run_id
+    assert _steps(store, run_id, "train/seen") == [0, 1, 2]  # step 2's first metric is there
+    assert _steps(store, run_id, "sparsity/overall") == [0, 1]  # its sparsity is not
+
+    assert run_overrides([f"resume={tmp_path / 'job'}"]) == run_id
+    for key in ("train/seen", "train/loss", "sparsity/overall"):
+        assert _steps(store, run_id, key) == [0, 1, 2, 3], key  # none twice, none missing
+    assert store.client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_resume_mistakes_are_one_line(store, tmp_path):
     (problem,) = validate(compose_config(["resume=0123456789abcdef"]))
     assert problem.startswith("resume=0123456789abcdef: no such run or job folder")

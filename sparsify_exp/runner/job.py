@@ -272,7 +272,7 @@ def _execute(
     m, steps = c["mlflow"], int(c["schedule"]["steps"])
     state = checkpoint.load(job.output_dir) if resuming else None
     if state is not None:
-        tracker = resume.SkipLogged(tracker, resume.last_logged_step(tracker))
+        tracker = resume.SkipLogged(tracker, resume.last_logged_steps(tracker))
     tracker = SummarizingTracker(tracker, Summarizer(built.evaluators.values()))
     sp, names = built.sparsifier, list(built.added)
     numels = {n: as_tensor(built.added[n]).numel() for n in names}

@@ -99,22 +99,27 @@ def _plain(value: Any) -> Any:
 
 
 class SkipLogged:
-    """A resumed run recomputes the steps after its checkpoint: metrics of the steps the
-    store already has are not logged twice."""
+    """A resumed run recomputes the steps after its checkpoint: a metric is not logged at a
+    step its key already reached in the store. The check is per key, as a process can be
+    killed between one metric of a step (``train/loss``) and the next (``sparsity/overall``)."""
 
-    def __init__(self, tracker: Any, through: int) -> None:
-        self.tracker, self.through = tracker, through
+    def __init__(self, tracker: Any, logged: Mapping[str, int]) -> None:
+        self.tracker, self.logged = tracker, dict(logged)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if step > self.through:
-            self.tracker.log_metrics(metrics, step)
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        if fresh:
+            self.tracker.log_metrics(fresh, step)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tracker, name)
 
 
-def last_logged_step(tracker: Any) -> int:
-    """The last step of ``sparsity/overall`` the run's store has (-1: none)."""
+def last_logged_steps(tracker: Any) -> dict[str, int]:
+    """The last step of each metric the run's store has."""
     client = tracker.upstream.client
-    history = client.get_metric_history(tracker.run_id, tr.SPARSITY_KEY)
-    return max((m.step for m in history), default=-1)
+    keys = client.get_run(tracker.run_id).data.metrics
+    return {
+        key: max((m.step for m in client.get_metric_history(tracker.run_id, key)), default=-1)
+        for key in keys
+    }
